@@ -1,0 +1,67 @@
+"""Multi-head latent attention (MLA) with LongCat-Flash's latent scale corrections (section 5)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lite.config import ModelConfig
+from lite.layers import RMSNorm, linear
+from lite.rope import apply_rope, softmax_scale
+
+# The q / kv latent norms use a fixed epsilon in the reference, not the config's rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """bool[B, 1, L, L]: causal and within one segment."""
+    length = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal & same_segment)[:, None]
+
+
+class MLAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h = cfg.hidden_size, cfg.num_heads
+        self.q_a_proj = linear(cfg, d, cfg.q_lora_rank, rngs=rngs)
+        self.q_a_norm = RMSNorm(cfg, cfg.q_lora_rank, LATENT_NORM_EPS)
+        self.q_b_proj = linear(cfg, cfg.q_lora_rank, h * cfg.qk_head_dim, rngs=rngs)
+        self.kv_a_proj = linear(cfg, d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, rngs=rngs)
+        self.kv_a_norm = RMSNorm(cfg, cfg.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = linear(cfg, cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), rngs=rngs)
+        self.o_proj = linear(cfg, h * cfg.v_head_dim, d, rngs=rngs)
+
+    def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B, L, D] -> q_nope [B, L, H, nope], q_rope [B, L, H, rope] (scaled, rotated)."""
+        cfg = self.cfg
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q = q.reshape(*x.shape[:-1], cfg.num_heads, cfg.qk_head_dim) * math.sqrt(cfg.hidden_size / cfg.q_lora_rank)
+        q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+        return q_nope, apply_rope(q_rope, cos[..., None, :], sin[..., None, :])
+
+    def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B, L, D] -> latent c [B, L, kv_lora] and shared RoPE key [B, L, rope]: all a decode cache holds."""
+        cfg = self.cfg
+        ckv = self.kv_a_proj(x)
+        latent, k_rope = ckv[..., : cfg.kv_lora_rank], ckv[..., cfg.kv_lora_rank:]
+        latent = self.kv_a_norm(latent) * math.sqrt(cfg.hidden_size / cfg.kv_lora_rank)
+        return latent, apply_rope(k_rope, cos, sin)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x [B, L, D], cos/sin [B, L, rope/2], mask bool[B, 1, L, L] -> [B, L, D]."""
+        cfg = self.cfg
+        q_nope, q_rope = self.queries(x, cos, sin)
+        latent, k_rope = self.latents(x, cos, sin)
+        kv = self.kv_b_proj(latent).reshape(*latent.shape[:-1], cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+        scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope, preferred_element_type=jnp.float32))
+        scores = jnp.where(mask, scores * softmax_scale(cfg), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return self.o_proj(out.reshape(*x.shape[:-1], cfg.num_heads * cfg.v_head_dim))

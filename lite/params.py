@@ -1,0 +1,118 @@
+"""Parameter accounting from abstract shapes (nothing is allocated), and its CLI.
+
+    python -m lite.params longcat-flash-lite
+
+"Activated" parameters are those a token's forward pass multiplies with: everything except the
+embedding tables (a lookup) and the FFN experts it was not routed to. Zero experts make the
+number of FFN experts per token vary from 0 to top-k, so activated parameters are a range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lite.config import ConfigError, ModelConfig, PRESETS, get_config
+from lite.model import LongcatModel
+
+# Component of each parameter, by the deepest path entry that names one (layers/moe/router/... is a router).
+_COMPONENTS = (
+    ("token_table", "token embedding"),
+    ("ngram_table", "N-gram tables"),
+    ("ngram_proj", "N-gram projections"),
+    ("amplification_norm", "norms"),
+    ("attns", "attention (MLA)"),
+    ("mlps", "dense MLPs"),
+    ("router", "routers"),
+    ("moe", "FFN experts"),
+    ("lm_head", "LM head"),
+    ("norms", "norms"),
+    ("final_norm", "norms"),
+)
+_LOOKUP_ONLY = ("token embedding", "N-gram tables")
+
+
+def _component(path: tuple) -> str:
+    for key in reversed(path):
+        for needle, name in _COMPONENTS:
+            if needle in str(key):
+                return name
+    raise KeyError(f"parameter {'/'.join(map(str, path))} belongs to no known component")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+    by_component: dict[str, int]
+    per_expert: int  # one FFN expert of one layer
+    num_layers: int
+    moe_topk: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_component.values())
+
+    def activated(self, ffn_experts_per_token: float) -> float:
+        dense = sum(n for name, n in self.by_component.items()
+                    if name not in _LOOKUP_ONLY and name != "FFN experts")
+        return dense + ffn_experts_per_token * self.per_expert * self.num_layers
+
+    @property
+    def activated_range(self) -> tuple[float, float]:
+        return self.activated(0), self.activated(self.moe_topk)
+
+
+def count_params(cfg: ModelConfig) -> ParamCounts:
+    """Parameter counts of a config, from `nnx.eval_shape` (no memory is allocated)."""
+    abstract = nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0)))
+    by_component: dict[str, int] = {}
+    for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name = _component(path)
+        by_component[name] = by_component.get(name, 0) + int(np.prod(leaf.shape))
+    per_expert = 3 * cfg.hidden_size * cfg.expert_ffn_hidden_size
+    return ParamCounts(by_component, per_expert, cfg.num_layers, cfg.moe_topk)
+
+
+def _human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_table(cfg: ModelConfig, counts: ParamCounts) -> str:
+    total = counts.total
+    lines = [f"{cfg.name}: parameters by component", f"{'component':<22}{'count':>16}{'human':>10}{'share':>8}"]
+    for name, n in sorted(counts.by_component.items(), key=lambda item: -item[1]):
+        lines.append(f"{name:<22}{n:>16,}{_human(n):>10}{n / total:>8.1%}")
+    low, high = counts.activated_range
+    target = counts.activated(cfg.target_ffn_experts_per_token)
+    lines += [
+        f"{'total':<22}{total:>16,}{_human(total):>10}{1:>8.1%}",
+        f"activated per token: {_human(low)} (0 FFN experts) .. {_human(high)} ({cfg.moe_topk} FFN experts); "
+        f"{_human(target)} at the target of {cfg.target_ffn_experts_per_token:g}",
+        f"total / activated (at target): {total / target:.1f}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
+    args = parser.parse_args(argv)
+    try:
+        cfg = get_config(args.preset)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with jax.default_device(jax.devices("cpu")[0]):
+        print(format_table(cfg, count_params(cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
