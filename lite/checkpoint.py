@@ -1,0 +1,129 @@
+"""Model checkpoints: a directory holding `config.json` and `model.safetensors`.
+
+Tensor names are the model's state paths joined by dots, e.g. `embed.ngram_table`,
+`layers.attns.0.q_a_proj.kernel` ([num_layers, D, q_lora]) or `layers.moe.router.bias`; kernels are
+stored [in, out] and per-layer tensors stacked on a leading layer axis, exactly as the model holds
+them. safetensors is memory-mapped on read and can be written tensor by tensor, which is what
+checkpoint conversion needs. A directory is written under a temporary name and renamed into
+place, so a reader never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lite.config import ConfigError, ModelConfig, YarnScaling
+from lite.model import LongcatModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit the model; the message says which and why."""
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = YarnScaling(**d["rope_scaling"])
+    valid = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - valid)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
+    return ModelConfig(**d)
+
+
+def model_state_arrays(model: nnx.Module) -> dict[str, jax.Array]:
+    """Every variable of the model (parameters and the router bias) by dotted path."""
+    return {".".join(map(str, path)): leaf[...] for path, leaf in nnx.to_flat_state(nnx.state(model))}
+
+
+def abstract_model(cfg: ModelConfig) -> LongcatModel:
+    """The model with shapes and dtypes only (nothing allocated)."""
+    return nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def model_from_arrays(cfg: ModelConfig, arrays: dict[str, np.ndarray]) -> LongcatModel:
+    """Build a model from named arrays; every name must be present with the model's shape."""
+    graphdef, state = nnx.split(abstract_model(cfg))
+    flat = nnx.to_flat_state(state)
+    expected = {".".join(map(str, path)) for path, _ in flat}
+    missing, unexpected = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the model config: missing tensors {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+                              f"{' ...' if len(unexpected) > 8 else ''}")
+    for path, leaf in flat:
+        name = ".".join(map(str, path))
+        value = arrays[name]
+        if tuple(value.shape) != tuple(leaf.shape):
+            raise CheckpointError(f"tensor {name}: checkpoint has shape {tuple(value.shape)}, "
+                                  f"the model expects {tuple(leaf.shape)}")
+        leaf.set_value(jnp.asarray(value, dtype=leaf.dtype))  # the model's dtype wins
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_model(model: LongcatModel, directory: str | os.PathLike, extra_files: dict[str, str] | None = None) -> None:
+    """Write config.json + model.safetensors (+ extra files, e.g. the tokenizer) atomically."""
+    from safetensors.numpy import save_file
+
+    directory = pathlib.Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_to_dict(model.cfg), indent=2))
+        save_file({name: np.asarray(value) for name, value in model_state_arrays(model).items()},
+                  str(tmp / WEIGHTS_FILE))
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    path = pathlib.Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {directory}: {CONFIG_FILE} is missing")
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a valid model config: {error}") from error
+
+
+def load_model(directory: str | os.PathLike) -> LongcatModel:
+    """Read a checkpoint written by `save_model` (or by checkpoint conversion)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    cfg = load_config(directory)
+    weights = pathlib.Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"no checkpoint weights at {directory}: {WEIGHTS_FILE} is missing")
+    try:
+        arrays = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{weights} is corrupt or unreadable: {error}") from error
+    return model_from_arrays(cfg, arrays)
