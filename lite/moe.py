@@ -15,6 +15,7 @@ from flax import nnx
 
 from lite.config import ModelConfig
 from pallas_kernels.ragged_matmul import ragged_matmul
+from sharding.mesh import active_mesh
 
 
 class RouterBias(nnx.Variable):
@@ -74,17 +75,37 @@ class MoE(nnx.Module):
 
     def __call__(self, u: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """u [T, D] -> (MoE(u) [T, D], float32[E + Z] tokens routed to each expert among masked-in tokens)."""
+        out, counts, _ = self.forward(u, token_mask)
+        return out, counts
+
+    def forward(self, u: jax.Array, token_mask: jax.Array | None = None,
+                expert_fn=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`__call__` plus float32[] routing slots dropped for expert capacity (0 without a mesh).
+
+        Under `jax.set_mesh` with more than one device this whole method runs inside one shard_map
+        (sharding.expert_parallel), which calls it back per device with `expert_fn(u, chosen,
+        weights, token_mask, w_gate, w_up, w_down) -> (FFN sum float32[T, D], dropped)` dispatching
+        the slots to the devices that own the experts.
+        """
+        mesh = active_mesh() if expert_fn is None else None
+        if mesh is not None:
+            from sharding.expert_parallel import moe_on_mesh
+
+            return moe_on_mesh(self, u, token_mask, mesh)
         cfg = self.cfg
         weights, chosen = self.router(u)
         dtype = cfg.jnp_compute_dtype
-        ffn = routed_experts(u, chosen, weights, self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype),
-                             self.w_down[...].astype(dtype))
+        w = (self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype), self.w_down[...].astype(dtype))
+        if expert_fn is None:
+            ffn, dropped = routed_experts(u, chosen, weights, *w), jnp.zeros((), jnp.float32)
+        else:
+            ffn, dropped = expert_fn(u, chosen, weights, token_mask, *w)
         zero_weight = jnp.sum(jnp.where(chosen >= cfg.n_routed_experts, weights, 0.0), axis=-1)  # [T]
         out = (ffn + zero_weight[:, None] * u.astype(jnp.float32)).astype(u.dtype)
         counted = jnp.ones(chosen.shape, jnp.float32) if token_mask is None else (
             jnp.broadcast_to(token_mask[:, None], chosen.shape).astype(jnp.float32))
         counts = jax.ops.segment_sum(counted.reshape(-1), chosen.reshape(-1), num_segments=cfg.num_experts)
-        return out, counts
+        return out, counts, dropped
 
 
 # ---------------------------------------------------------------------------------------------

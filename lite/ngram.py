@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from lite.config import ModelConfig
+from sharding.mesh import active_mesh
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +172,13 @@ class NgramEmbedding(nnx.Module):
         if not cfg.has_ngram:
             return out
         rows = ids + jnp.asarray(cfg.ngram_table_offsets, jnp.int32)  # [..., S] flat rows
-        gathered = jnp.take(self.ngram_table[...], rows, axis=0).astype(dtype)  # [..., S, D/S]
+        mesh = active_mesh()  # under jax.set_mesh: the table's rows are split over the devices
+        if mesh is not None:
+            from sharding.ngram import gather_rows
+
+            gathered = gather_rows(self.ngram_table[...], rows, mesh).astype(dtype)
+        else:
+            gathered = jnp.take(self.ngram_table[...], rows, axis=0).astype(dtype)  # [..., S, D/S]
         projected = jnp.einsum("...sw,swd->...d", gathered, self.ngram_proj[...].astype(dtype))
         out = (out + projected) / (cfg.num_ngram_tables + 1)
         if cfg.embedding_amplification == "sqrt_d":

@@ -1,0 +1,87 @@
+"""Meshes from a spec string: `data=2,expert=4`, `fsdp=16,expert=8`, `expert=8`.
+
+Axes (any subset, in this order; omitted axes have size 1 and are left out of the mesh):
+    data    pure data parallelism: the batch is split, parameters are replicated
+    fsdp    the batch is split and the dense weights' model dimension is split too (ZeRO-3 style:
+            XLA gathers a weight where it is used and reduce-scatters its gradient)
+    expert  the batch is split and the MoE experts are split (expert parallelism inside shard_map)
+Every axis splits the batch, so the global batch must be divisible by the number of devices. The
+N-gram table's rows are split over as many of the axes as divide its row count (sharding.rules).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+
+MESH_AXES = ("data", "fsdp", "expert")
+
+
+class MeshSpecError(ValueError):
+    """A mesh spec string is malformed or does not match the available devices."""
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """`data=2,expert=4` -> {"data": 2, "expert": 4} in MESH_AXES order (sizes >= 1)."""
+    sizes: dict[str, int] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in MESH_AXES:
+            raise MeshSpecError(f"mesh spec {spec!r}: {part!r} is not AXIS=SIZE with AXIS one of {MESH_AXES}")
+        if name in sizes:
+            raise MeshSpecError(f"mesh spec {spec!r}: axis {name!r} given twice")
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise MeshSpecError(f"mesh spec {spec!r}: size of {name!r} must be a positive integer, got {value!r}")
+        sizes[name] = size
+    if not sizes:
+        raise MeshSpecError(f"mesh spec {spec!r} names no axis; example: 'data=2,expert=4'")
+    return {name: sizes[name] for name in MESH_AXES if name in sizes}
+
+
+def make_mesh(spec: str | dict[str, int], devices: Sequence | None = None) -> Mesh:
+    """A Mesh over `devices` (default: all) with Auto axis types, so XLA propagates shardings
+    between the explicitly placed parameters/inputs and the shard_map boundaries."""
+    sizes = parse_mesh_spec(spec) if isinstance(spec, str) else dict(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    needed = math.prod(sizes.values())
+    if needed != len(devices):
+        raise MeshSpecError(f"mesh {sizes} needs {needed} devices, but {len(devices)} are available "
+                            f"(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={needed})")
+    names = tuple(sizes)
+    try:  # a topology-aware device order where JAX knows one (TPU slices), else the given order
+        array = mesh_utils.create_device_mesh(tuple(sizes.values()), devices)
+    except Exception:  # noqa: BLE001 - fake CPU devices and abstract topologies have no physical layout
+        array = np.asarray(devices, dtype=object).reshape(tuple(sizes.values()))
+    return Mesh(array, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes that split the batch (all of them, see the module docstring)."""
+    return tuple(name for name in MESH_AXES if name in mesh.axis_names)
+
+
+def axis_size(mesh, name: str) -> int:
+    return dict(mesh.shape).get(name, 1) if mesh is not None and not mesh.empty else 1
+
+
+def active_mesh():
+    """The ambient mesh set with `jax.set_mesh`, or None when there is none or it has one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:  # manual axes: already inside a shard_map
+        return None
+    if not set(mesh.axis_names) <= set(MESH_AXES):
+        raise MeshSpecError(f"mesh axes {mesh.axis_names} are not all among {MESH_AXES}; build the mesh "
+                            "with sharding.make_mesh")
+    return mesh
