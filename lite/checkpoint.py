@@ -10,12 +10,14 @@ place, so a reader never sees half a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import shutil
 import tempfile
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,12 @@ def abstract_model(cfg: ModelConfig) -> LongcatModel:
     return nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0)))
 
 
+def state_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Every tensor of a checkpoint of this config, by name, with its shape and dtype (nothing allocated)."""
+    return {".".join(map(str, path)): jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+            for path, leaf in nnx.to_flat_state(nnx.state(abstract_model(cfg)))}
+
+
 def model_from_arrays(cfg: ModelConfig, arrays: dict[str, np.ndarray]) -> LongcatModel:
     """Build a model from named arrays; every name must be present with the model's shape."""
     graphdef, state = nnx.split(abstract_model(cfg))
@@ -82,15 +90,23 @@ def save_model(model: LongcatModel, directory: str | os.PathLike, extra_files: d
     """Write config.json + model.safetensors (+ extra files, e.g. the tokenizer) atomically."""
     from safetensors.numpy import save_file
 
-    directory = pathlib.Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_dict(model.cfg), indent=2))
         save_file({name: np.asarray(value) for name, value in model_state_arrays(model).items()},
                   str(tmp / WEIGHTS_FILE))
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, tmp / name)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yield a temporary directory beside `directory`; on success it replaces `directory` whole,
+    on failure it is removed, so a reader never sees half a checkpoint."""
+    directory = pathlib.Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             directory.rename(old)
