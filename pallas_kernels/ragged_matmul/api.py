@@ -2,19 +2,72 @@
 
 from __future__ import annotations
 
-import jax
+import functools
 
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import backend as backends
+from pallas_kernels.backend import IMPLEMENTATIONS
+from pallas_kernels.ragged_matmul import gpu, tpu
 from pallas_kernels.ragged_matmul.reference import ragged_matmul_reference
 
-IMPLEMENTATIONS = ("auto", "xla")
+__all__ = ["IMPLEMENTATIONS", "ragged_matmul", "kernel_ragged_matmul"]
 
 
-def ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+def ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, group_offset: jax.Array | int | None = None,
                   implementation: str = "auto") -> jax.Array:
-    """lhs [m, k] @ rhs[g, k, n] grouped by int32 group_sizes [g] -> [m, n] (see the reference)."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown ragged_matmul implementation {implementation!r}; valid: {IMPLEMENTATIONS}")
-    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != rhs.shape[:1] or lhs.shape[1] != rhs.shape[1]:
-        raise ValueError(f"ragged_matmul expects lhs [m, k], rhs [g, k, n], group_sizes [g]; got lhs "
+    """lhs [m, k] @ rhs[g, k, n] grouped by int32 group_sizes [G] -> [m, n] (see the reference).
+
+    group_offset: rhs holds groups group_offset .. group_offset + g - 1 of the G (expert-sharded
+    weights); the rows of other groups come out as zeros.
+    """
+    choice = backends.choose("ragged_matmul", implementation)
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1 or lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"ragged_matmul expects lhs [m, k], rhs [g, k, n], group_sizes [G]; got lhs "
                          f"{lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
-    return ragged_matmul_reference(lhs, rhs, group_sizes)
+    if group_offset is None and group_sizes.shape[0] != rhs.shape[0]:
+        raise ValueError(f"ragged_matmul: group_sizes has {group_sizes.shape[0]} groups but rhs {rhs.shape[0]}; "
+                         "pass group_offset when rhs holds a slice of the groups")
+    if rhs.shape[0] > group_sizes.shape[0]:
+        raise ValueError(f"ragged_matmul: rhs has {rhs.shape[0]} groups, more than group_sizes' {group_sizes.shape[0]}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"ragged_matmul: group_sizes must be integers, got {group_sizes.dtype}")
+    if choice == "xla":
+        return ragged_matmul_reference(lhs, rhs, group_sizes, group_offset)
+    offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
+    return kernel_ragged_matmul(lhs, rhs, group_sizes.astype(jnp.int32), offset, choice, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def kernel_ragged_matmul(lhs, rhs, group_sizes, group_offset, backend: str, tiling):
+    """The Pallas kernel of `backend` ("tpu", "gpu", "interpret"; "gpu-interpret" for tests), with its VJP:
+    d lhs = the same kernel with rhs transposed, d rhs = the grouped transposed matmul."""
+    gmm, _, kwargs = _kernels(backend)
+    return gmm(lhs, rhs, group_sizes, group_offset, tiling=tiling, **kwargs)
+
+
+def _kernels(backend: str):
+    kernels = {"tpu": (tpu, {}), "gpu": (gpu, {}), "interpret": (tpu, {"interpret": True}),
+               "gpu-interpret": (gpu, {"interpret": True})}
+    if backend not in kernels:  # also any InterpretParams: the TPU kernels under the TPU simulator
+        return tpu.gmm, tpu.tgmm, {"interpret": backend}
+    module, kwargs = kernels[backend]
+    return module.gmm, module.tgmm, kwargs
+
+
+def _forward(lhs, rhs, group_sizes, group_offset, backend, tiling):
+    out = kernel_ragged_matmul(lhs, rhs, group_sizes, group_offset, backend, tiling)
+    return out, (lhs, rhs, group_sizes, group_offset)
+
+
+def _backward(backend, tiling, residuals, d_out):
+    lhs, rhs, group_sizes, group_offset = residuals
+    gmm, tgmm, kwargs = _kernels(backend)
+    d_out = d_out.astype(lhs.dtype)
+    d_lhs = gmm(d_out, rhs, group_sizes, group_offset, transpose_rhs=True, tiling=tiling, **kwargs)
+    d_rhs = tgmm(lhs, d_out, group_sizes, group_offset, num_local=rhs.shape[0], tiling=tiling, **kwargs)
+    return d_lhs, d_rhs.astype(rhs.dtype), None, None
+
+
+kernel_ragged_matmul.defvjp(_forward, _backward)

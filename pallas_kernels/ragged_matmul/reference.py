@@ -6,11 +6,23 @@ import jax
 import jax.numpy as jnp
 
 
-def ragged_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """lhs [m, k], rhs [g, k, n], int32 group_sizes [g] -> [m, n] in lhs.dtype.
+def ragged_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+                            group_offset: jax.Array | int | None = None) -> jax.Array:
+    """lhs [m, k], rhs [g, k, n], int32 group_sizes [G] -> [m, n] in lhs.dtype.
 
-    Rows are consumed group by group in order; rows past sum(group_sizes) come out as zeros.
-    Accumulates in float32.
+    Rows are consumed group by group in order. rhs holds the groups group_offset .. group_offset+g-1
+    of the G in group_sizes (expert-sharded weights; g == G without an offset); rows of the other
+    groups and rows past sum(group_sizes) come out as zeros. Accumulates in float32.
     """
-    out = jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
+    group_sizes = group_sizes.astype(jnp.int32)
+    if group_offset is None and rhs.shape[0] == group_sizes.shape[0]:
+        out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+        return out.astype(lhs.dtype)
+    # The rows before the local groups form one extra group with zero weights.
+    offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
+    before = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < offset, group_sizes, 0))
+    local = jax.lax.dynamic_slice(group_sizes, (offset,), (rhs.shape[0],))
+    sizes = jnp.concatenate([before[None], local])
+    weights = jnp.concatenate([jnp.zeros((1,) + rhs.shape[1:], rhs.dtype), rhs])
+    out = jax.lax.ragged_dot(lhs, weights, sizes, preferred_element_type=jnp.float32)
     return out.astype(lhs.dtype)

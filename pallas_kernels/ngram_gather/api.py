@@ -1,0 +1,56 @@
+"""The N-gram gather dispatch: keys (token windows or local ids) + the flat table -> the rows."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lite.config import ModelConfig
+from pallas_kernels import backend as backends
+from pallas_kernels.ngram_gather import gpu, tpu
+from pallas_kernels.ngram_gather.reference import gather_with_vjp, ngram_gather_reference
+from pallas_kernels.ngram_gather.rows import RowSpec
+
+
+def ngram_gather(table: jax.Array, cfg: ModelConfig, *, windows: jax.Array | None = None,
+                 ids: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+    """The rows of the flat N-gram table [R, w] for every token -> [..., S, w].
+
+    Give exactly one of windows int32[..., N] (`lite.ngram.ngram_windows`: the kernel computes the
+    32-bit hash, the fused path) or ids int32[..., S] (`lite.ngram.ngram_ids`, local to each
+    sub-table). Differentiable in the table (deterministic scatter-add).
+    """
+    choice = backends.choose("ngram_gather", implementation)
+    if (windows is None) == (ids is None):
+        raise ValueError("ngram_gather takes exactly one of windows= (int32[..., N]) or ids= (int32[..., S])")
+    hashed = windows is not None
+    keys = windows if hashed else ids
+    spec = RowSpec.from_config(cfg, hashed=hashed)
+    width = cfg.num_ngram_tables and table.shape[-1]
+    if table.ndim != 2 or table.shape[0] != cfg.ngram_total_rows:
+        raise ValueError(f"ngram_gather: table must be [{cfg.ngram_total_rows}, w] for {cfg.name}, got {table.shape}")
+    if keys.shape[-1:] != (spec.num_keys,) or not jnp.issubdtype(keys.dtype, jnp.integer):
+        name = "windows" if hashed else "ids"
+        raise ValueError(f"ngram_gather: {name} must be integers [..., {spec.num_keys}], got {keys.dtype}{keys.shape}")
+    lead = keys.shape[:-1]
+    flat = keys.reshape(-1, spec.num_keys).astype(jnp.int32)
+    if choice == "tpu" and table.dtype.itemsize != 4 and implementation == "auto":
+        choice = "xla"  # see tpu.py: the TPU kernel gathers 32-bit rows only
+    if choice == "xla":
+        out = ngram_gather_reference(table, flat, cfg, hashed)
+    else:
+        out = kernel_ngram_gather(table, flat, cfg, hashed, backend=choice)
+    return out.reshape(*lead, spec.num_rows, width)
+
+
+def kernel_ngram_gather(table, keys, cfg: ModelConfig, hashed: bool, *, backend: str, block_tokens=None):
+    """The Pallas kernel of `backend` ("tpu", "gpu", "interpret", "gpu-interpret", or a
+    `pltpu.InterpretParams` for the TPU simulator) on flat keys int32[T, C], with the shared VJP."""
+    module, interpret = {"tpu": (tpu, False), "gpu": (gpu, False), "interpret": (tpu, True),
+                         "gpu-interpret": (gpu, True)}.get(backend, (tpu, backend))
+    options = {} if block_tokens is None else {"block_tokens": block_tokens}
+
+    def forward(table, keys, cfg, hashed):
+        return module.gather(table, keys, RowSpec.from_config(cfg, hashed=hashed), interpret=interpret, **options)
+
+    return gather_with_vjp(forward)(table, keys, cfg, hashed)

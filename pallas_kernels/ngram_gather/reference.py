@@ -1,0 +1,76 @@
+"""XLA reference for the N-gram gather, and the VJP every implementation shares.
+
+Forward: flat rows from the keys (`lite.ngram.hash_windows` for windows, ids + sub-table offsets for
+ids), then `jnp.take`. Backward: the table gradient is a deterministic scatter-add of the row
+gradients (sort by row, segmented sum in a fixed tree order, one write per distinct row), so
+repeated runs give bit-identical gradients on every backend.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lite.config import ModelConfig
+from lite.ngram import hash_windows
+
+
+def flat_rows(keys: jax.Array, cfg: ModelConfig, hashed: bool) -> jax.Array:
+    """int32[T, N] windows or int32[T, S] local ids -> int32[T, S] rows of the flat table."""
+    ids = hash_windows(keys, cfg) if hashed else keys.astype(jnp.int32)
+    return ids + jnp.asarray(cfg.ngram_table_offsets, jnp.int32)
+
+
+def scatter_add_rows(rows: jax.Array, grads: jax.Array, num_rows: int) -> jax.Array:
+    """rows int32[P], grads [P, w] -> float32[num_rows, w], out[r] = sum of grads[p] with rows[p] == r.
+
+    Deterministic: the sum of each run of equal rows is formed by a segmented associative scan (a
+    fixed order), and each distinct row is written once.
+    """
+    order = jnp.argsort(rows, stable=True)
+    sorted_rows = rows[order]
+    values = grads[order].astype(jnp.float32)
+    new_run = jnp.concatenate([jnp.ones((1,), bool), sorted_rows[1:] != sorted_rows[:-1]])
+
+    def combine(left, right):
+        left_start, left_sum = left
+        right_start, right_sum = right
+        return left_start | right_start, jnp.where(right_start[:, None], right_sum, left_sum + right_sum)
+
+    _, run_sums = jax.lax.associative_scan(combine, (new_run, values))
+    run_end = jnp.concatenate([sorted_rows[1:] != sorted_rows[:-1], jnp.ones((1,), bool)])
+    target = jnp.where(run_end, sorted_rows, num_rows)  # num_rows: out of range, dropped
+    return jnp.zeros((num_rows, grads.shape[-1]), jnp.float32).at[target].set(run_sums, mode="drop")
+
+
+def gather_with_vjp(forward):
+    """forward(table [R, w], keys int32[T, C]) -> [T, S, w], wrapped with the deterministic table VJP.
+
+    The wrapped function takes (table, keys, cfg, hashed); forward gets the same.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def gather(table, keys, cfg, hashed):
+        return forward(table, keys, cfg, hashed)
+
+    def fwd(table, keys, cfg, hashed):
+        return forward(table, keys, cfg, hashed), (keys, jnp.zeros((table.shape[0], 0), table.dtype))
+
+    def bwd(cfg, hashed, residuals, d_rows):
+        keys, like = residuals  # like: [R, 0], the table's row count and dtype
+        rows = flat_rows(keys, cfg, hashed)
+        d_table = scatter_add_rows(rows.reshape(-1), d_rows.reshape(-1, d_rows.shape[-1]), like.shape[0])
+        return d_table.astype(like.dtype), None
+
+    gather.defvjp(fwd, bwd)
+    return gather
+
+
+def _take(table, keys, cfg, hashed):
+    return jnp.take(table, flat_rows(keys, cfg, hashed), axis=0)
+
+
+ngram_gather_reference = gather_with_vjp(_take)
+ngram_gather_reference.__doc__ = """(table [R, w], keys int32[T, C], cfg, hashed) -> [T, S, w] rows, via jnp.take."""

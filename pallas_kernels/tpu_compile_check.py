@@ -1,0 +1,72 @@
+"""Compile every TPU kernel for real TPU topologies without a TPU: `python -m pallas_kernels.tpu_compile_check [TOPOLOGY ...]`.
+
+Needs libtpu matching jax (`pip install "jax[tpu]"`). Runs the real Mosaic compiler, so layout,
+alignment and VMEM errors that interpret mode cannot see show up here. It sets the default device
+to an abstract TPU device, so run it in its own process (the test does).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # silences a harmless libtpu start-up warning
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+from lite.config import get_config  # noqa: E402
+from pallas_kernels.ngram_gather import kernel_ngram_gather  # noqa: E402
+from pallas_kernels.ragged_matmul import kernel_ragged_matmul  # noqa: E402
+
+TOPOLOGIES = ("v5e:2x2", "v6e:2x2")  # more on the command line, e.g. v5p:2x2x1
+
+
+def cases():
+    """(name, function, argument shapes): the gradient of each kernel (which compiles its forward
+    too), at small aligned and ragged shapes (k and n not multiples of the tile)."""
+    i32, bf16 = jnp.int32, jnp.bfloat16
+    s = jax.ShapeDtypeStruct
+    for m, k, n, g in ((512, 768, 256, 8), (384, 320, 200, 4)):
+        def matmul_loss(lhs, rhs, sizes, offset):
+            out = kernel_ragged_matmul(lhs, rhs, sizes, offset, "tpu", (128, 256, 128))
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+        shapes = (s((m, k), bf16), s((g, k, n), bf16), s((g,), i32), s((), i32))
+        yield f"ragged_matmul vjp m={m} k={k} n={n} g={g}", jax.grad(matmul_loss, argnums=(0, 1)), shapes
+    cfg = get_config("demo")
+    for hashed, columns in ((True, cfg.ngram_n), (False, cfg.num_ngram_tables)):
+        def gather_loss(table, keys, hashed=hashed):
+            rows = kernel_ngram_gather(table, keys, cfg, hashed, backend="tpu")
+            return jnp.sum(rows.astype(jnp.float32) ** 2)
+        for dtype in (jnp.float32,):  # 16-bit tables use XLA on TPU (ngram_gather/tpu.py)
+            shapes = (s((cfg.ngram_total_rows, cfg.ngram_table_width), dtype), s((1000, columns), i32))
+            name = f"ngram_gather {'windows' if hashed else 'ids'} {jnp.dtype(dtype).name}"
+            yield f"{name} vjp", jax.grad(gather_loss), shapes
+
+
+def main() -> int:
+    failures = 0
+    for topology in sys.argv[1:] or TOPOLOGIES:
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+        device = topo.devices[0]
+        jax.config.update("jax_default_device", device)  # Pallas TPU lowering asks the default device
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        for name, fn, shapes in cases():
+            args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for x in shapes]
+            try:
+                compiled = jax.jit(fn).lower(*args).compile()
+                memory = compiled.memory_analysis()
+                temp = getattr(memory, "temp_size_in_bytes", 0) if memory is not None else 0
+                print(f"ok   {device.device_kind:>12} {topology:>10}  {name}  (temp {temp / 2**20:.1f} MiB)")
+            except Exception as error:  # report every case, then fail
+                failures += 1
+                print(f"FAIL {device.device_kind:>12} {topology:>10}  {name}: {type(error).__name__}: "
+                      f"{str(error)[:2000]}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
