@@ -41,13 +41,47 @@ class ShortcutLayer(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, L, D] -> ([B, L, D], float32[E + Z] routed slots per expert)."""
-        h = x + self.attns[0](self.attn_norms[0](x), cos, sin, mask)
+        out, counts, _ = self.wire(x, lambda i, y: (self.attns[i](y, cos, sin, mask), None), token_mask)
+        return out, counts
+
+    def wire(self, x: jax.Array, attend, token_mask: jax.Array):
+        """The layer's data flow, shared by the full forward, prefill and decode.
+
+        x [..., D]; attend(i, normed input of attention block i) -> (block output [..., D], anything the
+        caller wants back from that block, e.g. its cache entries) -> (out [..., D], float32[E + Z]
+        routed slots per expert, (what block 0 gave back, what block 1 gave back)).
+        """
+        attended, kept0 = attend(0, self.attn_norms[0](x))
+        h = x + attended
         u = self.mlp_norms[0](h)
         moe_out, counts = self.moe(u.reshape(-1, u.shape[-1]), token_mask.reshape(-1))
         h = h + self.mlps[0](u)
-        h = h + self.attns[1](self.attn_norms[1](h), cos, sin, mask)
+        attended, kept1 = attend(1, self.attn_norms[1](h))
+        h = h + attended
         out = h + self.mlps[1](self.mlp_norms[1](h)) + moe_out.reshape(x.shape)
-        return out, counts
+        return out, counts, (kept0, kept1)
+
+    def prefill(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                token_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The full forward that also returns each block's cache entries:
+        x [B, L, D] -> (out [B, L, D], latents [2, B, L, kv_lora], RoPE keys [2, B, L, rope])."""
+        def attend(i, y):  # latents() repeats work inside attention; XLA's CSE merges the two
+            return self.attns[i](y, cos, sin, mask), self.attns[i].latents(y, cos, sin)
+
+        out, _, kept = self.wire(x, attend, token_mask)
+        return out, jnp.stack([kept[0][0], kept[1][0]]), jnp.stack([kept[0][1], kept[1][1]])
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_latent: jax.Array, cache_rope: jax.Array,
+               lengths: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One token per sequence: x [B, D], cos/sin [B, rope/2], this layer's cache
+        cache_latent [2, B, T, kv_lora], cache_rope [2, B, T, rope] (first lengths[b] entries valid)
+        -> (out [B, D], the new token's latents [2, B, kv_lora] and RoPE keys [2, B, rope])."""
+        def attend(i, y):
+            out, latent, k_rope = self.attns[i].decode(y, cos, sin, cache_latent[i], cache_rope[i], lengths)
+            return out, (latent, k_rope)
+
+        out, _, kept = self.wire(x, attend, jnp.ones(x.shape[:-1], bool))
+        return out, jnp.stack([kept[0][0], kept[1][0]]), jnp.stack([kept[0][1], kept[1][1]])
 
 
 class ModelOutput(NamedTuple):

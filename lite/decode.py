@@ -1,0 +1,334 @@
+"""Batch decoding: one prefill of the whole batch, then a compiled decode loop over fixed shapes.
+
+The cache holds, per token and per attention block, only what MLA needs (ARCHITECTURE.md section 5):
+the normalised kv latent (kv_lora numbers) and the rotated RoPE key (qk_rope numbers); kv_b is
+absorbed into the query and output side (`MLAttention.decode`). The N-gram embedding keeps the last
+N-1 tokens per sequence (section 8, `lite.ngram.ngram_step`).
+
+Prompts are right-padded: row b holds its prompt in [0, lengths[b]) and the cache slots past
+lengths[b] are never attended to. Prefill gives the padding its own segment, so it reaches neither
+attention nor the N-gram hash. Shapes are bucketed (batch, prompt length, cache length and the
+new-token buffer rounded up to powers of two) and every compiled program is kept, so batches of the
+same bucket never recompile. `prefill` and `decode_step` are pure functions of (model, cache, tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lite.attention import attention_mask
+from lite.config import ModelConfig
+from lite.model import LongcatModel
+from lite.ngram import ngram_cache
+from lite.rope import rope_angles
+
+
+class DecodeError(ValueError):
+    """Bad generation input (prompts, sampling settings); the message says which and why."""
+
+
+class DecodeCache(NamedTuple):
+    latent: jax.Array  # [num_layers, 2, B, T, kv_lora] normalised, scaled kv latents
+    k_rope: jax.Array  # [num_layers, 2, B, T, qk_rope] rotated RoPE keys
+    lengths: jax.Array  # int32[B]: valid entries per row = position of the next token
+    ngram: jax.Array  # int32[B, N-1]: the N-gram cache (width 0 without an N-gram embedding)
+
+
+def prefill(model: LongcatModel, tokens: jax.Array, lengths: jax.Array,
+            cache_len: int) -> tuple[jax.Array, DecodeCache]:
+    """tokens int32[B, P] right-padded to lengths int32[B] (>= 1) -> (float32[B, V] logits for the
+    token after each prompt, the cache with room for cache_len >= P tokens)."""
+    cfg = model.cfg
+    batch, length = tokens.shape
+    segment_ids = (jnp.arange(length) < lengths[:, None]).astype(jnp.int32)  # 1 prompt, 0 padding
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+    cos, sin = rope_angles(positions, cfg)
+    mask, token_mask = attention_mask(segment_ids), segment_ids > 0
+    graphdef, layer_state = nnx.split(model.layers)
+
+    def apply_layer(h, state):
+        h, latent, k_rope = nnx.merge(graphdef, state).prefill(h, cos, sin, mask, token_mask)
+        return h, (latent, k_rope)
+
+    h, (latent, k_rope) = jax.lax.scan(apply_layer, model.embed(tokens, segment_ids), layer_state)
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    logits = model.lm_head(model.final_norm(last)).astype(jnp.float32)
+    room = ((0, 0), (0, 0), (0, 0), (0, cache_len - length), (0, 0))  # [L, 2, B, P, .] -> [L, 2, B, T, .]
+    if cfg.has_ngram:
+        ngram = ngram_cache(tokens, cfg, segment_ids, lengths)
+    else:
+        ngram = jnp.zeros((batch, 0), jnp.int32)
+    return logits, DecodeCache(jnp.pad(latent, room), jnp.pad(k_rope, room), lengths.astype(jnp.int32), ngram)
+
+
+def decode_step(model: LongcatModel, cache: DecodeCache, tokens: jax.Array) -> tuple[jax.Array, DecodeCache]:
+    """tokens int32[B] at positions cache.lengths -> (float32[B, V] logits for the next token, the
+    cache with them appended). Requires cache.lengths < T."""
+    cfg = model.cfg
+    x, ngram = model.embed.step(tokens, cache.ngram)  # [B, D]
+    cos, sin = rope_angles(cache.lengths, cfg)  # [B, rope/2]
+    graphdef, layer_state = nnx.split(model.layers)
+
+    def apply_layer(h, xs):
+        state, latent, k_rope = xs
+        h, latent, k_rope = nnx.merge(graphdef, state).decode(h, cos, sin, latent, k_rope, cache.lengths)
+        return h, (latent, k_rope)
+
+    h, (latent, k_rope) = jax.lax.scan(apply_layer, x, (layer_state, cache.latent, cache.k_rope))
+    logits = model.lm_head(model.final_norm(h)).astype(jnp.float32)
+    rows = jnp.arange(tokens.shape[0])
+    return logits, DecodeCache(cache.latent.at[:, :, rows, cache.lengths].set(latent),  # latent [L, 2, B, C]
+                               cache.k_rope.at[:, :, rows, cache.lengths].set(k_rope),
+                               cache.lengths + 1, ngram)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling.
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise DecodeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DecodeError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise DecodeError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """float32[B, V]: -inf outside the top_k largest and outside the smallest set of most likely
+    tokens whose probability reaches top_p (top_k is applied first); ties at a cut are kept."""
+    if top_k == 0 and top_p >= 1:
+        return logits
+    descending = -jnp.sort(-logits, axis=-1)
+    threshold = jnp.full(logits.shape[:-1], -jnp.inf, logits.dtype)
+    if top_k > 0:
+        threshold = descending[:, min(top_k, logits.shape[-1]) - 1]
+        descending = jnp.where(descending >= threshold[:, None], descending, -jnp.inf)
+    if top_p < 1:
+        probs = jax.nn.softmax(descending, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+        keep = jnp.sum(before < top_p, axis=-1)  # >= 1: the first token has 0 before it
+        threshold = jnp.maximum(threshold, jnp.take_along_axis(descending, keep[:, None] - 1, axis=-1)[:, 0])
+    return jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """float32[B, V] -> int32[B]."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generation loop.
+
+RUNNING, EOS, LENGTH, STOP_STRING = 0, 1, 2, 3
+
+
+class Generation(NamedTuple):
+    """Everything the compiled loop carries; B rows, room for M new tokens each."""
+
+    cache: DecodeCache
+    tokens: jax.Array  # int32[B, M]: column s holds the token sampled at step s, -1 where none
+    num_tokens: jax.Array  # int32[B] new tokens kept (an EOS ends a row and is not kept)
+    last: jax.Array  # int32[B]: the token to feed next
+    done: jax.Array  # bool[B]
+    reason: jax.Array  # int32[B]: RUNNING, EOS or LENGTH
+    step: jax.Array  # int32[]: tokens sampled so far per row
+    key: jax.Array  # the base PRNG key; step s samples with fold_in(key, s)
+
+
+def _record(gen: Generation, sampled: jax.Array, limits: jax.Array, eos_token_id: int) -> Generation:
+    active = ~gen.done
+    is_eos = active & (sampled == eos_token_id)
+    kept = active & ~is_eos
+    num_tokens = gen.num_tokens + kept
+    at_limit = kept & (num_tokens >= limits)
+    reason = jnp.where(is_eos, EOS, jnp.where(at_limit, LENGTH, gen.reason))
+    tokens = gen.tokens.at[:, gen.step].set(jnp.where(kept, sampled, -1))
+    return gen._replace(tokens=tokens, num_tokens=num_tokens, last=sampled, done=gen.done | is_eos | at_limit,
+                        reason=reason, step=gen.step + 1)
+
+
+def _start(model: LongcatModel, tokens: jax.Array, lengths: jax.Array, limits: jax.Array, key: jax.Array, *,
+           cache_len: int, max_new: int, sampling: Sampling) -> Generation:
+    """Prefill and sample the first token."""
+    logits, cache = prefill(model, tokens, lengths, cache_len)
+    batch = tokens.shape[0]
+    gen = Generation(cache, jnp.full((batch, max_new), -1, jnp.int32), jnp.zeros((batch,), jnp.int32),
+                     jnp.zeros((batch,), jnp.int32), limits <= 0, jnp.zeros((batch,), jnp.int32),
+                     jnp.zeros((), jnp.int32), key)
+    return _record(gen, sample(logits, jax.random.fold_in(key, 0), sampling), limits, model.cfg.eos_token_id)
+
+
+def _continue(model: LongcatModel, gen: Generation, limits: jax.Array, until: jax.Array, *,
+              sampling: Sampling) -> Generation:
+    """Decode until step `until` (traced: chunk sizes do not recompile) or until every row is done."""
+    def running(gen):
+        return (gen.step < until) & ~jnp.all(gen.done)
+
+    def one_step(gen):
+        logits, cache = decode_step(model, gen.cache, gen.last)
+        # Finished rows keep their length, so their cache never grows past its bucket.
+        cache = cache._replace(lengths=jnp.where(gen.done, gen.cache.lengths, cache.lengths))
+        sampled = sample(logits, jax.random.fold_in(gen.key, gen.step), sampling)
+        return _record(gen._replace(cache=cache), sampled, limits, model.cfg.eos_token_id)
+
+    return jax.lax.while_loop(running, one_step, gen)
+
+
+@dataclasses.dataclass
+class Completion:
+    token_ids: list[int]  # new tokens, without the EOS that ended the row
+    stop_reason: str  # "eos", "stop_string", "max_new_tokens" or "context_window"
+    text: str | None = None  # with stop strings: the text before the first one
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0  # tokens from decode steps (the first new token of a row comes from prefill)
+    decode_seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The next power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig) -> None:
+    """One clear error for a batch that cannot be decoded."""
+    if len(prompts) == 0:
+        raise DecodeError("no prompts to decode: the prompt list is empty")
+    context = cfg.max_position_embeddings
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise DecodeError(f"prompt {i} is empty")
+        if len(prompt) >= context:
+            raise DecodeError(f"prompt {i} is {len(prompt)} tokens long; the context window is {context} tokens, "
+                              f"so a prompt may have at most {context - 1}")
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise DecodeError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+
+
+class Generator:
+    """Batch generation with one model; keeps one compiled prefill and decode loop per bucket."""
+
+    def __init__(self, model: LongcatModel):
+        self.cfg = model.cfg
+        graphdef, self.state = nnx.split(model)
+        self._start = jax.jit(lambda state, *args, **kw: _start(nnx.merge(graphdef, state), *args, **kw),
+                              static_argnames=("cache_len", "max_new", "sampling"))
+        self._continue = jax.jit(lambda state, *args, **kw: _continue(nnx.merge(graphdef, state), *args, **kw),
+                                 static_argnames=("sampling",), donate_argnums=(1,))
+        self.compiled: dict[tuple, Callable] = {}  # (program, shapes, sampling) -> executable
+
+    def _compiled(self, name: str, jitted, *args, stats: GenerationStats, **static):
+        key = (name, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)), tuple(sorted(static.items())))
+        if key not in self.compiled:
+            began = time.perf_counter()
+            self.compiled[key] = jitted.lower(self.state, *args, **static).compile()
+            stats.compile_seconds += time.perf_counter() - began
+        return self.compiled[key]
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 seed: int = 0, stop_strings: Sequence[str] = (), detokenize: Callable[[list[int]], str] | None = None,
+                 chunk: int = 16) -> tuple[list[Completion], GenerationStats]:
+        """Token-id prompts -> one Completion each. Each row stops on its own: at EOS, at the first stop
+        string (checked by `detokenize` every `chunk` steps), at max_new_tokens, or at the context window."""
+        cfg = self.cfg
+        check_prompts(prompts, cfg)
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+            raise DecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if stop_strings and detokenize is None:
+            raise DecodeError("stop strings need a detokenize function")
+        if any(s == "" for s in stop_strings):
+            raise DecodeError("a stop string is empty")
+        stats = GenerationStats()
+        n = len(prompts)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        limits = np.minimum(max_new_tokens, cfg.max_position_embeddings - lengths)
+        batch, prompt_len = bucket(n), bucket(int(lengths.max()), 16)
+        max_new = bucket(max_new_tokens, 16)
+        cache_len = bucket(int((lengths + limits).max()), 16)
+        tokens = np.zeros((batch, prompt_len), np.int32)
+        tokens[n:, 0] = cfg.bos_token_id  # filler rows: one token, no room to generate
+        for i, prompt in enumerate(prompts):
+            tokens[i, : len(prompt)] = prompt
+        lengths = np.concatenate([lengths, np.ones(batch - n, np.int32)])
+        limits = jnp.asarray(np.concatenate([limits, np.zeros(batch - n, limits.dtype)]).astype(np.int32))
+        args = (jnp.asarray(tokens), jnp.asarray(lengths), limits, jax.random.key(seed))
+
+        start = self._compiled("start", self._start, *args, stats=stats, cache_len=cache_len, max_new=max_new,
+                               sampling=sampling)
+        began = time.perf_counter()
+        gen = jax.block_until_ready(start(self.state, *args))
+        stats.prefill_seconds = time.perf_counter() - began
+        stats.prefill_tokens = int(lengths[:n].sum())
+
+        step_size = chunk if stop_strings else max_new
+        stopped_at: dict[int, tuple[int, str]] = {}  # row -> (tokens kept, text) where a stop string ended it
+        while True:
+            if stop_strings:
+                self._find_stop_strings(gen, n, stop_strings, detokenize, stopped_at)
+                if stopped_at:
+                    done = np.asarray(gen.done).copy()
+                    done[list(stopped_at)] = True
+                    gen = gen._replace(done=jnp.asarray(done))
+            if bool(jnp.all(gen.done)):
+                break
+            until = jnp.asarray(min(int(gen.step) + step_size, max_new), jnp.int32)
+            run = self._compiled("continue", self._continue, gen, limits, until, stats=stats, sampling=sampling)
+            began = time.perf_counter()
+            gen = jax.block_until_ready(run(self.state, gen, limits, until))
+            stats.decode_seconds += time.perf_counter() - began
+
+        tokens, num_tokens, reasons = (np.asarray(x) for x in (gen.tokens, gen.num_tokens, gen.reason))
+        completions = []
+        for i in range(n):
+            ids = [int(t) for t in tokens[i] if t >= 0]
+            if i in stopped_at:
+                kept, text = stopped_at[i]
+                completions.append(Completion(ids[:kept], "stop_string", text))
+                continue
+            if reasons[i] == EOS:
+                reason = "eos"
+            else:
+                reason = "max_new_tokens" if len(ids) >= max_new_tokens else "context_window"
+            completions.append(Completion(ids, reason, detokenize(ids) if detokenize else None))
+        sampled = num_tokens[:n] + (reasons[:n] == EOS)  # what the device produced, before stop-string trimming
+        stats.decode_tokens = int(np.maximum(sampled - 1, 0).sum())  # the first token of a row comes from prefill
+        return completions, stats
+
+    @staticmethod
+    def _find_stop_strings(gen: Generation, n: int, stop_strings: Sequence[str], detokenize, stopped_at: dict) -> None:
+        tokens = np.asarray(gen.tokens)
+        for i in range(n):
+            if i in stopped_at:
+                continue
+            ids = [int(t) for t in tokens[i] if t >= 0]
+            text = detokenize(ids)
+            hits = [text.find(s) for s in stop_strings if s in text]
+            if not hits:
+                continue
+            kept = next(k for k in range(1, len(ids) + 1) if any(s in detokenize(ids[:k]) for s in stop_strings))
+            stopped_at[i] = (kept, text[: min(hits)])
