@@ -53,7 +53,7 @@ def set_expert_parallel(model: nnx.Module, settings: ExpertParallel) -> nnx.Modu
     """Attach dispatch settings to every MoE of a model (static: part of the graph definition)."""
     from lite.moe import MoE
 
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, MoE):
             module.expert_parallel = settings
     return model

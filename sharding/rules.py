@@ -105,9 +105,17 @@ def _path_string(path) -> str:
 
 
 def state_specs(state, mesh):
-    """A pytree of PartitionSpecs matching an nnx State (or any pytree with nnx paths)."""
+    """A pytree of PartitionSpecs matching a pytree whose leaves sit under nnx parameter paths: a
+    model State, or optimizer state (its mu/nu trees end in the same paths; scalars replicate)."""
     def spec(path, leaf):
-        return logical_to_spec(param_logical_axes(_path_string(path), leaf.ndim), tuple(leaf.shape), mesh)
+        parts = _path_string(path).split("/")
+        for start in range(len(parts)):
+            suffix = "/".join(parts[start:])
+            if any(re.fullmatch(pattern, suffix) for pattern, _ in PARAM_AXES):
+                return logical_to_spec(param_logical_axes(suffix, leaf.ndim), tuple(leaf.shape), mesh)
+        if leaf.ndim == 0:
+            return P()
+        raise KeyError(f"{'/'.join(parts)} {tuple(leaf.shape)} matches no rule in sharding.rules.PARAM_AXES")
 
     return jax.tree_util.tree_map_with_path(spec, state)
 
