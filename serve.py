@@ -1,0 +1,132 @@
+"""Batch text generation from a checkpoint: one JSON line per prompt, then a summary line.
+
+    python serve.py --checkpoint runs/demo "In the beginning" "And God said"
+    python serve.py --checkpoint runs/demo/model --prompts prompts.txt --temperature 0.8 --top-p 0.9
+    echo "In the beginning" | python serve.py --checkpoint runs/demo --max-new-tokens 32 --stop "."
+
+The checkpoint is a directory written by `lite.checkpoint.save_model` (config.json,
+model.safetensors) holding the SentencePiece `tokenizer.model`; a train.py run directory works too
+(its `model/` is used). Prompts come from the arguments, from --prompts FILE (one per line) or from
+stdin (one per line); each is encoded as [BOS] + tokens, as train.py encodes documents. The whole
+batch is prefilled at once and decoded by a compiled loop (lite/decode.py). Every input is checked
+before anything is generated, and the output is written only once everything succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Sequence, TextIO
+
+from lite.checkpoint import CONFIG_FILE, CheckpointError, load_config, load_model
+from lite.config import ConfigError, ModelConfig
+from lite.decode import DecodeError, Generator, Sampling, check_prompts
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class ServeError(ValueError):
+    """Bad command-line input; the message says what and where."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("prompts", nargs="*", help="prompts (default: --prompts FILE, else stdin, one per line)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory, or a train.py run directory")
+    parser.add_argument("--prompts", dest="prompts_file", help="a file with one prompt per line")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    return parser.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace, stdin: TextIO) -> list[str]:
+    """The prompts from exactly one source; empty ones are refused, naming where they are."""
+    if args.prompts and args.prompts_file:
+        raise ServeError("give prompts either as arguments or with --prompts FILE, not both")
+    if args.prompts_file:
+        path = pathlib.Path(args.prompts_file)
+        if not path.is_file():
+            raise ServeError(f"prompts file {path} does not exist")
+        prompts, where = path.read_text().splitlines(), f"line {{}} of {path}"
+    elif args.prompts:
+        prompts, where = list(args.prompts), "argument {}"
+    else:
+        prompts, where = stdin.read().splitlines(), "line {} of stdin"
+    if not prompts:
+        raise ServeError("no prompts given: pass them as arguments, with --prompts FILE, or on stdin")
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise ServeError(f"prompt {i} ({where.format(i + 1)}) is empty")
+    return prompts
+
+
+def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
+    """A train.py run directory stands for its exported `model/` directory."""
+    path = pathlib.Path(path)
+    return path / "model" if (path / "model" / CONFIG_FILE).is_file() else path
+
+
+def load_tokenizer(directory: pathlib.Path, cfg: ModelConfig):
+    import sentencepiece as spm
+
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no tokenizer in {directory}: {TOKENIZER_FILE} is missing")
+    try:
+        tokenizer = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        raise CheckpointError(f"{path} is not a SentencePiece model: {error}") from error
+    found = dict(vocab_size=tokenizer.get_piece_size(), bos_token_id=tokenizer.bos_id(),
+                 eos_token_id=tokenizer.eos_id())
+    wrong = [f"{name} {value} (the model has {getattr(cfg, name)})" for name, value in found.items()
+             if value != getattr(cfg, name)]
+    if wrong:
+        raise CheckpointError(f"the tokenizer {path} does not match the checkpoint: it has {', '.join(wrong)}")
+    return tokenizer
+
+
+def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 1:
+        raise ServeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if any(s == "" for s in args.stop):
+        raise ServeError("--stop was given an empty string")
+    prompts = read_prompts(args, stdin)
+    directory = resolve_checkpoint(args.checkpoint)
+    cfg = load_config(directory)
+    tokenizer = load_tokenizer(directory, cfg)
+    ids = [[cfg.bos_token_id] + tokenizer.encode(prompt) for prompt in prompts]
+    check_prompts(ids, cfg)  # before the weights are read: a too-long prompt fails fast
+    generator = Generator(load_model(directory))
+    completions, stats = generator.generate(ids, args.max_new_tokens, sampling, args.seed, stop_strings=args.stop,
+                                            detokenize=tokenizer.decode)
+    lines = [json.dumps(dict(prompt=prompt, completion=c.text, token_ids=c.token_ids, num_tokens=len(c.token_ids),
+                             stop_reason=c.stop_reason), ensure_ascii=False)
+             for prompt, c in zip(prompts, completions)]
+    rate = lambda tokens, seconds: round(tokens / seconds, 1) if seconds > 0 else None  # noqa: E731
+    lines.append(json.dumps(dict(summary=dict(
+        prompts=len(prompts), prefill_tokens=stats.prefill_tokens, prefill_seconds=round(stats.prefill_seconds, 4),
+        prefill_tokens_per_s=rate(stats.prefill_tokens, stats.prefill_seconds),
+        decode_tokens=stats.decode_tokens, decode_seconds=round(stats.decode_seconds, 4),
+        decode_tokens_per_s=rate(stats.decode_tokens, stats.decode_seconds),
+        compile_seconds=round(stats.compile_seconds, 2)))))
+    stdout.write("\n".join(lines) + "\n")
+    stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        serve(args, sys.stdin, sys.stdout)
+    except (ServeError, DecodeError, CheckpointError, ConfigError) as error:
+        raise SystemExit(f"serve.py: error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

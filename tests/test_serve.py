@@ -1,0 +1,151 @@
+"""serve.py end to end on a tiny checkpoint with a real SentencePiece tokenizer, and its errors."""
+
+import importlib.util
+import io
+import json
+import pathlib
+import shutil
+
+import pytest
+import sentencepiece as spm
+from flax import nnx
+
+import serve
+from lite.checkpoint import WEIGHTS_FILE, save_model
+from lite.config import get_config
+from lite.model import LongcatModel
+
+CFG = get_config("tiny", initializer_range=0.1)
+
+
+def kjv_verses(count: int) -> list[str]:
+    # find_spec, not `import bible`: the package's __init__ needs pkg_resources, which new setuptools lack.
+    path = pathlib.Path(importlib.util.find_spec("bible").origin).parent / "data" / "kjv.jsonl"
+    with path.open() as lines:
+        return [json.loads(next(lines))["text"] for _ in range(count)]
+
+
+def train_tokenizer(path: pathlib.Path, vocab_size: int) -> spm.SentencePieceProcessor:
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(kjv_verses(1500)), model_prefix=str(path.with_suffix("")),
+                                   vocab_size=vocab_size, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A train.py-style run directory: RUN_DIR/model holds config, weights and tokenizer.model."""
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = root / "tok.model"
+    train_tokenizer(tokenizer, CFG.vocab_size)
+    save_model(LongcatModel(CFG, rngs=nnx.Rngs(0)), root / "run" / "model",
+               extra_files={"tokenizer.model": str(tokenizer)})
+    return root / "run"
+
+
+def run(argv, stdin=""):
+    out = io.StringIO()
+    serve.serve(serve.parse_args(argv), io.StringIO(stdin), out)
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_generates_one_line_per_prompt_and_a_summary(run_dir):
+    tokenizer = spm.SentencePieceProcessor(model_file=str(run_dir / "model" / "tokenizer.model"))
+    prompts = ["In the beginning God created", "And the earth was without form"]
+    lines = run(["--checkpoint", str(run_dir), "--max-new-tokens", "12", *prompts])
+    assert len(lines) == 3
+    for prompt, line in zip(prompts, lines):
+        assert line["prompt"] == prompt
+        assert line["num_tokens"] == len(line["token_ids"]) > 0
+        assert all(0 <= t < CFG.vocab_size and t != CFG.eos_token_id for t in line["token_ids"])
+        assert line["completion"] == tokenizer.decode(line["token_ids"])
+        assert line["stop_reason"] in ("eos", "max_new_tokens")
+        assert line["stop_reason"] == "eos" or line["num_tokens"] == 12
+    summary = lines[2]["summary"]
+    assert summary["prompts"] == 2
+    assert summary["prefill_tokens"] == sum(1 + len(tokenizer.encode(p)) for p in prompts)  # [BOS] + text
+    assert summary["prefill_tokens_per_s"] > 0 and summary["decode_tokens_per_s"] > 0
+
+    # The same prompts from stdin, with a stop string taken from the first completion.
+    text = lines[0]["completion"]
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip(), text
+    again = run(["--checkpoint", str(run_dir / "model"), "--max-new-tokens", "12", "--stop", stop],
+                stdin="\n".join(prompts) + "\n")
+    assert again[0]["stop_reason"] == "stop_string"
+    assert again[0]["completion"] == text[: text.index(stop)]
+    assert again[0]["token_ids"] == lines[0]["token_ids"][: len(again[0]["token_ids"])]
+    assert stop in tokenizer.decode(again[0]["token_ids"])
+    assert stop not in tokenizer.decode(again[0]["token_ids"][:-1])
+
+
+def test_prompt_sources(tmp_path):
+    file = tmp_path / "prompts.txt"
+    file.write_text("first prompt\nsecond prompt\n")
+    read = lambda argv, stdin="": serve.read_prompts(serve.parse_args(["--checkpoint", "x", *argv]),  # noqa: E731
+                                                     io.StringIO(stdin))
+    assert read(["--prompts", str(file)]) == ["first prompt", "second prompt"]
+    assert read(["a", "b c"]) == ["a", "b c"]
+    assert read([], stdin="from stdin\nsecond\n") == ["from stdin", "second"]
+    file.write_text("first\n\nthird\n")
+    with pytest.raises(serve.ServeError, match=r"prompt 1 \(line 2 of .*prompts.txt\) is empty"):
+        read(["--prompts", str(file)])
+    with pytest.raises(serve.ServeError, match="either as arguments or with --prompts FILE"):
+        read(["a", "--prompts", str(file)])
+    with pytest.raises(serve.ServeError, match="no prompts given"):
+        read([], stdin="")
+
+
+def broken_checkpoint(run_dir, tmp_path, how):
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir / "model", broken)
+    if how == "weights":
+        data = (broken / WEIGHTS_FILE).read_bytes()
+        (broken / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    elif how == "config":
+        (broken / "config.json").write_text('{"vocab_size": 512, ')
+    elif how == "no tokenizer":
+        (broken / "tokenizer.model").unlink()
+    elif how == "bad tokenizer":
+        (broken / "tokenizer.model").write_bytes(b"not a model")
+    elif how == "other tokenizer":
+        train_tokenizer(tmp_path / "small.model", 300)
+        shutil.copyfile(tmp_path / "small.model", broken / "tokenizer.model")
+    return broken
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing", "no checkpoint at .*config.json is missing"),
+    ("weights", "model.safetensors is corrupt or unreadable"),
+    ("config", "is not a valid model config"),
+    ("no tokenizer", "no tokenizer in .*tokenizer.model is missing"),
+    ("bad tokenizer", "is not a SentencePiece model"),
+    ("other tokenizer", r"does not match the checkpoint: it has vocab_size 300 \(the model has 512\)"),
+])
+def test_bad_checkpoints(run_dir, tmp_path, capsys, how, message):
+    path = tmp_path / "nowhere" if how == "missing" else broken_checkpoint(run_dir, tmp_path, how)
+    with pytest.raises(SystemExit, match=message):
+        serve.main(["--checkpoint", str(path), "hello"])
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--temperature", "-1", "hello"], "temperature must be >= 0"),
+    (["--top-p", "0", "hello"], r"top_p must lie in \(0, 1\]"),
+    (["--top-p", "1.5", "hello"], r"top_p must lie in \(0, 1\]"),
+    (["--top-k", "-2", "hello"], "top_k must be an integer >= 0"),
+    (["--max-new-tokens", "0", "hello"], "--max-new-tokens must be >= 1"),
+    (["hello", ""], r"prompt 1 \(argument 2\) is empty"),
+    (["In the beginning " * 1500], r"prompt 0 is \d+ tokens long; the context window is 4096 tokens"),
+])
+def test_bad_requests(run_dir, capsys, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        serve.main(["--checkpoint", str(run_dir), *argv])
+    assert capsys.readouterr().out == ""
+
+
+def test_empty_stdin(run_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(SystemExit, match="no prompts given"):
+        serve.main(["--checkpoint", str(run_dir)])
+    assert capsys.readouterr().out == ""
