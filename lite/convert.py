@@ -52,8 +52,9 @@ _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 class SafetensorsDir:
     """The tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`.
 
-    Files are opened with `safetensors.safe_open` (memory-mapped) on first use; `release()` closes
-    them so that the pages read so far stop counting against this process.
+    Files are opened with `safetensors.safe_open` (memory-mapped) on first use and closed again
+    after every CHUNK_BYTES read, so that the mapped pages read so far stop counting against this
+    process: resident memory stays bounded by a few chunks whatever the checkpoint size.
     """
 
     def __init__(self, directory: pathlib.Path):
@@ -81,6 +82,7 @@ class SafetensorsDir:
                 self.meta[name] = (path, _DTYPES[entry["dtype"]], tuple(entry["shape"]))
         self._open = contextlib.ExitStack()
         self._handles: dict[pathlib.Path, object] = {}
+        self._mapped_bytes = 0
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.meta[name][2]
@@ -90,17 +92,24 @@ class SafetensorsDir:
 
     def read(self, name: str, index: tuple = ()) -> np.ndarray:
         """tensor[index], reading only that part of the file."""
+        if self._mapped_bytes > CHUNK_BYTES:  # pages read through a map count as ours until unmapped
+            self.release()
         path = self.meta[name][0]
         if path not in self._handles:
             self._handles[path] = self._open.enter_context(self._safe_open(str(path), framework="numpy"))
         tensor = self._handles[path].get_slice(name)
         if not index:  # safetensors slices need at least one index; a 0-d tensor is read whole
-            return np.asarray(tensor[:] if len(self.shape(name)) else self._handles[path].get_tensor(name))
-        return np.asarray(tensor[index])
+            array = np.asarray(tensor[:] if len(self.shape(name)) else self._handles[path].get_tensor(name))
+        else:
+            array = np.asarray(tensor[index])
+        self._mapped_bytes += array.nbytes
+        return array
 
     def release(self) -> None:
+        """Unmap every file (they reopen on the next read)."""
         self._open.close()
         self._handles.clear()
+        self._mapped_bytes = 0
 
 
 def _read_header(path: pathlib.Path) -> dict:
@@ -275,7 +284,6 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quiet: boo
         def write(emit, pieces=pieces):
             for piece in pieces:
                 _emit_piece(source, piece.hf_key, (), piece.transpose, emit)
-            source.release()  # unmap what this tensor read
 
         plans.append(TensorPlan(name, dtype, shapes[name].shape, write))
     total = sum(p.nbytes for p in plans)
@@ -360,7 +368,6 @@ def to_hf(our_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_b
             for i, shard in enumerate(shards):
                 file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 write_safetensors(tmp / file_name, shard, {"format": "pt"}, report)
-                source.release()
                 weight_map.update({plan.name: file_name for plan in shard})
             (tmp / HF_INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
