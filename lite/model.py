@@ -39,27 +39,29 @@ class ShortcutLayer(nnx.Module):
         self.moe = moe_lib.MoE(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B, L, D] -> ([B, L, D], float32[E + Z] routed slots per expert)."""
-        out, counts, _ = self.wire(x, lambda i, y: (self.attns[i](y, cos, sin, mask), None), token_mask)
-        return out, counts
+                 token_mask: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x [B, L, D] -> ([B, L, D], (float32[E + Z] routed slots per expert, float32[] slots dropped
+        for expert capacity on a mesh))."""
+        out, routing, _ = self.wire(x, lambda i, y: (self.attns[i](y, cos, sin, mask), None), token_mask)
+        return out, routing
 
     def wire(self, x: jax.Array, attend, token_mask: jax.Array):
         """The layer's data flow, shared by the full forward, prefill and decode.
 
         x [..., D]; attend(i, normed input of attention block i) -> (block output [..., D], anything the
-        caller wants back from that block, e.g. its cache entries) -> (out [..., D], float32[E + Z]
-        routed slots per expert, (what block 0 gave back, what block 1 gave back)).
+        caller wants back from that block, e.g. its cache entries) -> (out [..., D], (float32[E + Z]
+        routed slots per expert, float32[] slots dropped for expert capacity on a mesh), (what block 0
+        gave back, what block 1 gave back)).
         """
         attended, kept0 = attend(0, self.attn_norms[0](x))
         h = x + attended
         u = self.mlp_norms[0](h)
-        moe_out, counts = self.moe(u.reshape(-1, u.shape[-1]), token_mask.reshape(-1))
+        moe_out, counts, dropped = self.moe.forward(u.reshape(-1, u.shape[-1]), token_mask.reshape(-1))
         h = h + self.mlps[0](u)
         attended, kept1 = attend(1, self.attn_norms[1](h))
         h = h + attended
         out = h + self.mlps[1](self.mlp_norms[1](h)) + moe_out.reshape(x.shape)
-        return out, counts, (kept0, kept1)
+        return out, (counts, dropped), (kept0, kept1)
 
     def prefill(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                 token_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -87,6 +89,7 @@ class ShortcutLayer(nnx.Module):
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, L, V] in the compute dtype
     expert_counts: jax.Array  # float32[num_layers, E + Z]: routing slots per expert, padding excluded
+    dropped_slots: jax.Array  # float32[num_layers]: routing slots dropped for expert capacity (sharding/)
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -139,9 +142,9 @@ class LongcatModel(nnx.Module):
         def apply_layer(h, state):
             return nnx.merge(graphdef, state)(h, cos, sin, mask, token_mask)
 
-        h, expert_counts = jax.lax.scan(apply_layer, h, layer_state)
+        h, (expert_counts, dropped_slots) = jax.lax.scan(apply_layer, h, layer_state)
         logits = self.lm_head(self.final_norm(h))
-        return ModelOutput(logits, expert_counts)
+        return ModelOutput(logits, expert_counts, dropped_slots)
 
     def update_router_bias(self, expert_counts: jax.Array, rate: float | None = None) -> None:
         """The training loop's load-balancing step: float32[num_layers, E + Z] counts from a batch."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -38,6 +39,9 @@ from sharding.rules import activation_spec, state_specs  # noqa: E402
 # HBM per chip in GiB, by the device kind libtpu reports.
 HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32,
            "TPU v6e": 32, "TPU7x": 192}
+
+
+COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce")
 
 
 def hbm_bytes(device) -> int:
@@ -125,7 +129,7 @@ def compile_decode_step(cfg, settings, mesh, batch: int, cache_len: int):
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:8.2f} GiB"
+    return f"{n / 2**30:9.3f} GiB"
 
 
 def report(name: str, lowered, parts: dict[str, int], hbm: int) -> tuple[list[str], bool]:
@@ -137,7 +141,10 @@ def report(name: str, lowered, parts: dict[str, int], hbm: int) -> tuple[list[st
     temporaries, aliased = memory.temp_size_in_bytes, memory.alias_size_in_bytes
     code = getattr(memory, "generated_code_size_in_bytes", 0)
     peak = arguments + outputs - aliased + temporaries + code
-    lines = [f"{name} (compiled in {seconds:.0f} s)"]
+    hlo = compiled.as_text()
+    found = {op: len(re.findall(r"(?<![-\w])" + op + r"(-start)?\(", hlo)) for op in COLLECTIVES}
+    collectives = ", ".join(f"{op} x{n}" for op, n in found.items() if n)
+    lines = [f"{name} (compiled in {seconds:.0f} s; {collectives or 'no collectives'})"]
     lines += [f"  {part:<34}{_gib(size)}" for part, size in parts.items()]
     lines += [f"  {'arguments (all inputs)':<34}{_gib(arguments)}",
               f"  {'outputs not aliased to inputs':<34}{_gib(outputs - aliased)}",
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args(argv)
 
-    from sharding.expert_parallel import ExpertParallel
+    from sharding.expert_parallel import ExpertParallel, resolve_dispatch
 
     overrides = {}
     for item in args.set:
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     hbm = hbm_bytes(devices[0])
     settings = ExpertParallel(dispatch=args.dispatch, capacity_factor=args.capacity_factor)
     print(f"{cfg.name} on {args.topology}: {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}, "
-          f"expert dispatch {args.dispatch} (capacity factor {args.capacity_factor:g})")
+          f"expert dispatch {resolve_dispatch(args.dispatch, mesh)} (capacity factor {args.capacity_factor:g})")
 
     ok = True
     with jax.set_mesh(mesh):

@@ -43,10 +43,10 @@ def batch():
 def loss_and_grads(model, tokens, segments):
     def loss_fn(m):
         out = m(tokens, segments)
-        return next_token_loss(out.logits, tokens, segments)[0], out.expert_counts
+        return next_token_loss(out.logits, tokens, segments)[0], (out.expert_counts, out.dropped_slots)
 
-    (loss, counts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    return loss, counts, nnx.state(grads, nnx.Param)
+    (loss, (counts, dropped)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return loss, counts, dropped, nnx.state(grads, nnx.Param)
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +57,7 @@ def single_device():
 
 @pytest.mark.parametrize("spec", ["data=8", "data=2,expert=4", "expert=8"])
 def test_loss_and_every_gradient_match_single_device(spec):
-    want_loss, want_counts, want_grads = single_device()
+    want_loss, want_counts, _, want_grads = single_device()
     mesh = make_mesh(spec)
     model = set_expert_parallel(LongcatModel(CFG, rngs=nnx.Rngs(0)), NO_DROPS)
     with jax.set_mesh(mesh):
@@ -65,7 +65,8 @@ def test_loss_and_every_gradient_match_single_device(spec):
         # The experts really are split: each device holds E / n_ep of them.
         local_experts = model.layers.moe.w_gate[...].addressable_shards[0].data.shape[1]
         assert local_experts == CFG.n_routed_experts // dict(mesh.shape).get("expert", 1)
-        loss, counts, grads = nnx.jit(loss_and_grads)(model, *batch())
+        loss, counts, dropped, grads = nnx.jit(loss_and_grads)(model, *batch())
+    np.testing.assert_array_equal(np.asarray(dropped), np.zeros(CFG.num_layers))
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(counts), np.asarray(want_counts))
     got, want = nnx.to_flat_state(grads), dict(nnx.to_flat_state(want_grads))
@@ -166,6 +167,20 @@ def test_small_capacity_drops_exactly_the_overflow_slots(spec):
     assert want_dropped > 10
     assert int(dropped) == want_dropped
     np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-5)
+
+
+def test_model_reports_dropped_slots_per_layer():
+    model = set_expert_parallel(LongcatModel(CFG, rngs=nnx.Rngs(0)),
+                                ExpertParallel(dispatch="capacity", capacity_factor=0.25))
+    mesh = make_mesh("expert=8")
+    with jax.set_mesh(mesh):
+        shard_model(model, mesh)
+        out = nnx.jit(lambda m, t, s: m(t, s))(model, *batch())
+    # 12 tokens per device, 2 target FFN slots over 8 experts at factor 0.25: capacity 1 per expert,
+    # so at least (FFN slots - 8 experts) per device are dropped; the exact count is checked above.
+    ffn_slots = float(np.asarray(out.expert_counts)[0, : CFG.n_routed_experts].sum())
+    assert out.dropped_slots.shape == (CFG.num_layers,)
+    assert ffn_slots - 8 * 8 <= float(out.dropped_slots[0]) < ffn_slots
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
