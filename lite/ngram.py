@@ -178,7 +178,9 @@ class NgramEmbedding(nnx.Module):
 
             gathered = gather_rows(self.ngram_table[...], rows, mesh).astype(dtype)
         else:
-            gathered = jnp.take(self.ngram_table[...], rows, axis=0).astype(dtype)  # [..., S, D/S]
+            from pallas_kernels.ngram_gather import ngram_gather  # here: pallas_kernels imports this module
+
+            gathered = ngram_gather(self.ngram_table[...], cfg, ids=ids).astype(dtype)  # [..., S, D/S]
         projected = jnp.einsum("...sw,swd->...d", gathered, self.ngram_proj[...].astype(dtype))
         out = (out + projected) / (cfg.num_ngram_tables + 1)
         if cfg.embedding_amplification == "sqrt_d":

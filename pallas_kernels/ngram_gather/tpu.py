@@ -45,21 +45,20 @@ def gather(table: jax.Array, keys: jax.Array, spec: RowSpec, *, block_tokens: in
         i = pl.program_id(0)
         slot = i % 2
 
-        def start(block_keys, to_slot):
+        # Copies to start: block i into slot 0 (first step only), then block i + 1 into the other slot
+        # (all but the last step). One loop body for both keeps the kernel (and its compile time) small.
+        @pl.loop(jnp.where(i == 0, 0, 1), jnp.where(i + 1 < num_blocks, 2, 1))
+        def _(ahead):
+            to_slot = jnp.where(ahead == 0, 0, 1 - slot)
+
             @pl.loop(0, bt)
             def _(t):
-                rows = spec.rows(lambda c: block_keys[t * num_keys + c])
-                for s, row in enumerate(rows):
+                def key(c):
+                    return jnp.where(ahead == 0, keys_now[t * num_keys + c], keys_next[t * num_keys + c])
+
+                for s, row in enumerate(spec.rows(key)):
                     pltpu.make_async_copy(table_hbm.at[pl.ds(row, 1)], buffer.at[to_slot, t, pl.ds(s, 1)],
                                           sems.at[to_slot]).start()
-
-        @pl.when(i == 0)
-        def _():
-            start(keys_now, 0)
-
-        @pl.when(i + 1 < num_blocks)
-        def _():
-            start(keys_next, 1 - slot)
 
         @pl.loop(0, bt * num_sub)
         def _(_):  # every copy of a slot has the same size: wait for them one by one
