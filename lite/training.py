@@ -208,7 +208,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         model = nnx.merge(graphdef, params, state.other)
         model.update_router_bias(expert_counts)
         other = nnx.state(model, nnx.Not(nnx.Param))
-        metrics = dict(loss=loss, z_loss=z, grad_norm=optax.global_norm(grads), learning_rate=lr,
+        metrics = dict(loss=loss, z_loss=z, grad_norm=optax.tree.norm(grads), learning_rate=lr,
                        expert_counts=expert_counts,
                        ngram_rows_touched=ngram_rows_touched(tokens, segment_ids, cfg))
         return TrainState(params, other, opt_state, state.step + 1), metrics
@@ -243,7 +243,7 @@ def expert_load_metrics(expert_counts: np.ndarray, cfg: ModelConfig) -> dict[str
     return dict(
         load_min_share=ffn_share.min(-1).round(5).tolist(),
         load_max_share=ffn_share.max(-1).round(5).tolist(),
-        ffn_experts_per_token=np.asarray(ffn_experts_per_token(jnp.asarray(counts, jnp.float32), cfg)).round(4).tolist(),
+        ffn_experts_per_token=np.asarray(ffn_experts_per_token(jnp.asarray(counts, jnp.float32), cfg), np.float64).round(4).tolist(),
         zero_expert_share=(counts[:, cfg.n_routed_experts:].sum(-1) / np.maximum(counts.sum(-1), 1.0)).round(5).tolist(),
     )
 
