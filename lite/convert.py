@@ -23,7 +23,7 @@ import pathlib
 import shutil
 import struct
 import sys
-from typing import Callable, Iterator
+from typing import Callable
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy, which safetensors' numpy reader needs
 import numpy as np

@@ -81,24 +81,23 @@ def make_case(case: str, out: pathlib.Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
     model = LongcatFlashForCausalLM(config).eval()
     _randomize(model, generator)
-    cfg = config
-    tokens = torch.randint(3, cfg.vocab_size, (BATCH, LENGTH), generator=generator)
+    tokens = torch.randint(3, config.vocab_size, (BATCH, LENGTH), generator=generator)
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out)
 
-    embed = None
+    embed = None  # the ngram case embeds with the NumPy reference instead of model.embed_tokens
     if case == "ngram":
-        tokens[0, 9] = tokens[1, 4] = cfg.eos_token_id  # n-grams restart after an EOS
-        s, width = (NGRAM["emb_neighbor_num"] - 1) * NGRAM["emb_split_num"], cfg.hidden_size // 4
-        tables = [torch.randn(NGRAM["ngram_vocab_size_ratio"] * cfg.vocab_size + 2 * t + 1, width, generator=generator)
+        tokens[0, 9] = tokens[1, 4] = config.eos_token_id  # n-grams restart after an EOS
+        s, width = (NGRAM["emb_neighbor_num"] - 1) * NGRAM["emb_split_num"], config.hidden_size // 4
+        tables = [torch.randn(NGRAM["ngram_vocab_size_ratio"] * config.vocab_size + 2 * t + 1, width, generator=generator)
                   for t in range(s)]
-        projs = [torch.randn(cfg.hidden_size, width, generator=generator) / width ** 0.5 for _ in range(s)]
+        projs = [torch.randn(config.hidden_size, width, generator=generator) / width ** 0.5 for _ in range(s)]
         state = load_file(out / "model.safetensors")
         (out / "model.safetensors").unlink()
         state.update({f"model.ngram_embeddings.embedders.{t}.weight": tables[t] for t in range(s)})
         state.update({f"model.ngram_embeddings.post_projs.{t}.weight": projs[t] for t in range(s)})
-        state["model.mtp.layers.0.norm.weight"] = torch.ones(cfg.hidden_size)  # ignored on import
+        state["model.mtp.layers.0.norm.weight"] = torch.ones(config.hidden_size)  # ignored on import
         keys = sorted(state)
         shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
                   "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
@@ -115,15 +114,17 @@ def make_case(case: str, out: pathlib.Path, seed: int = 0) -> None:
         table = state["model.embed_tokens.weight"].numpy()
         numpy_tables, numpy_projs = [t.numpy() for t in tables], [p.numpy() for p in projs]
 
-        def embed(ids: torch.Tensor) -> torch.Tensor:
+        def embed_with_reference(ids: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(reference(ids.numpy(), table, numpy_tables, numpy_projs, hf).astype(np.float32))
+
+        embed = embed_with_reference
 
     routing = _record_routing(model)
     with torch.no_grad():
         inputs = dict(inputs_embeds=embed(tokens)) if embed else dict(input_ids=tokens)
         logits = model(**inputs).logits.numpy()
         choices = np.stack([c[2].numpy() for c in routing])  # [layers, B*L, k]
-        unbiased = np.stack([torch.topk(c[0].softmax(-1), cfg.moe_topk).indices.numpy() for c in routing])
+        unbiased = np.stack([torch.topk(c[0].softmax(-1), config.moe_topk).indices.numpy() for c in routing])
         routing.clear()
         prompt = tokens[:1, :PROMPT]
         if embed is None:
@@ -135,11 +136,11 @@ def make_case(case: str, out: pathlib.Path, seed: int = 0) -> None:
                 step = model(inputs_embeds=embed(greedy)).logits[:, -1].argmax(-1, keepdim=True)
                 greedy = torch.cat([greedy, step], dim=1)
     changed = int(sum((np.sort(a, -1) != np.sort(b, -1)).any(-1).sum() for a, b in zip(choices, unbiased)))
-    zero_chosen = int((choices >= cfg.n_routed_experts).sum())
+    zero_chosen = int((choices >= config.n_routed_experts).sum())
     if changed == 0 or zero_chosen == 0:
         raise SystemExit(f"{case}: the router bias changed {changed} choices and {zero_chosen} zero experts were "
                          "chosen; both must be > 0 -- try another seed")
-    counts = np.stack([np.bincount(c.reshape(-1), minlength=cfg.n_routed_experts + cfg.zero_expert_num)
+    counts = np.stack([np.bincount(c.reshape(-1), minlength=config.n_routed_experts + config.zero_expert_num)
                        for c in choices]).astype(np.float32)
     np.savez(out / "expected.npz", tokens=tokens.numpy().astype(np.int32), logits=logits.astype(np.float32),
              greedy=greedy.numpy().astype(np.int32), prompt_length=PROMPT, expert_counts=counts,

@@ -125,13 +125,11 @@ def test_hf_layout_matches_hf_checkpoint_doc():
                                                  for e in experts]) for l in layers]),
     }
     assert want["embed.ngram_table"].shape == shapes["embed.ngram_table"].shape
-    plans = {}
-    for name, pieces in convert.hf_lib.tensor_layout(cfg).items():
-        plans[name] = pieces
+    layout = convert.hf_lib.tensor_layout(cfg)
     source = convert.SafetensorsDir(FIXTURES / "ngram")
     for name, value in want.items():
         chunks = []
-        for piece in plans[name]:
+        for piece in layout[name]:
             convert._emit_piece(source, piece.hf_key, (), piece.transpose, chunks.append)
         got = np.concatenate([np.ravel(c) for c in chunks]).reshape(shapes[name].shape)
         np.testing.assert_array_equal(got, value, err_msg=name)

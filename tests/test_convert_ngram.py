@@ -7,7 +7,6 @@ import json
 import pathlib
 
 import numpy as np
-import pytest
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 
