@@ -224,6 +224,23 @@ def requested_run(args: argparse.Namespace, preset: str) -> dict:
                 text_field=args.text_field)
 
 
+def check_same_run(run: dict, args: argparse.Namespace) -> None:
+    """A resumed run keeps its settings: options given again must repeat them."""
+    changed = []
+    if args.preset and args.preset != run["preset"]:
+        changed.append(f"--preset {args.preset} (run: {run['preset']})")
+    if args.data and [str(pathlib.Path(p).resolve()) for p in args.data] != run["data"]:
+        changed.append(f"--data (run: {run['data']})")
+    saved_model, saved_train = config_from_dict(run["model"]), TrainConfig(**run["train"])
+    model_over, train_over = parse_overrides(args.set, saved_model, saved_train)
+    changed += [f"{key}={value!r} (run: {run[section][key]!r})"
+                for section, over in (("model", model_over), ("train", train_over))
+                for key, value in over.items() if run[section][key] != value]
+    if changed:
+        raise RunError(f"the run in {args.run_dir} was started with other settings: {'; '.join(changed)}. "
+                       "Resume it without changing them, or pass another --run-dir")
+
+
 def check_fits(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     parallel = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if tcfg.batch_size % parallel:
@@ -284,9 +301,6 @@ def train(args: argparse.Namespace) -> None:
 
     start_time = time.time()
     primary = jax.process_index() == 0
-    # Compiled steps are cached across runs: a resumed run or the next experiment starts in seconds.
-    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(args.cache_dir) / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     say = print if primary else (lambda *a, **k: None)
 
     run_dir = pathlib.Path(args.run_dir or f"runs/{args.preset or 'demo'}").resolve()
@@ -301,11 +315,7 @@ def train(args: argparse.Namespace) -> None:
 
     if resume:
         run = json.loads(saved_config.read_text())
-        requested = requested_run(args, args.preset or run["preset"])
-        if (args.set or args.preset or args.data) and any(requested[k] != run[k] for k in ("model", "train", "data")):
-            changed = sorted(f"{s}.{k}" for s in ("model", "train") for k in run[s] if run[s][k] != requested[s][k])
-            raise RunError(f"{run_dir} holds a run with other settings ({', '.join(changed) or 'data'}); "
-                           "resume it without changes, or pass another --run-dir")
+        check_same_run(run, args)
     else:
         run = requested_run(args, args.preset or "demo")
     cfg, tcfg = config_from_dict(run["model"]), TrainConfig(**run["train"])
@@ -488,8 +498,12 @@ def sync_tokenizer(path: pathlib.Path) -> None:
         write_atomically(path, content.tobytes())
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
     args = parse_args(argv)
+    if compilation_cache:  # process-wide: only when train.py is the program
+        # Compiled steps are cached across runs: a resumed run or the next experiment starts in seconds.
+        jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(args.cache_dir) / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     maybe_initialize_distributed(args.distributed)
     try:
         train(args)
@@ -500,4 +514,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(compilation_cache=True))

@@ -233,7 +233,7 @@ def test_sigkill_then_resume_is_bitwise_identical(workspace, uninterrupted):
 def test_resume_refuses_other_settings_and_no_resume_refuses_existing_run(workspace, uninterrupted):
     straight, _ = uninterrupted
     code, output = finish(run_train(workspace, straight, "--set", "learning_rate=0.1"))
-    assert code == 2 and "train.learning_rate" in output and "another --run-dir" in output
+    assert code == 2 and "learning_rate=0.1 (run: 0.003)" in output and "another --run-dir" in output
     code, output = finish(run_train(workspace, straight, "--no-resume"))
     assert code == 2 and "already holds a run" in output
 
