@@ -400,7 +400,8 @@ def train(args: argparse.Namespace) -> None:
         f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), {processes} process(es)")
 
     peak, peak_source = peak_flops(jax.devices()[0], tcfg)
-    total_peak = peak * jax.device_count()
+    # CPU: the estimate already covers every core, however many (virtual) devices share them.
+    total_peak = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
     metrics_file = run_dir / "metrics.jsonl"
     rows = read_metrics(metrics_file, start_step)
     if primary:
