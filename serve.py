@@ -82,10 +82,12 @@ def load_tokenizer(directory: pathlib.Path, cfg: ModelConfig):
         tokenizer = spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as error:
         raise CheckpointError(f"{path} is not a SentencePiece model: {error}") from error
-    found = dict(vocab_size=tokenizer.get_piece_size(), bos_token_id=tokenizer.bos_id(),
-                 eos_token_id=tokenizer.eos_id())
-    wrong = [f"{name} {value} (the model has {getattr(cfg, name)})" for name, value in found.items()
-             if value != getattr(cfg, name)]
+    # Fewer pieces than vocab_size is what train.py writes when the corpus runs out of merges
+    # (hard_vocab_limit=False); generation then never emits the ids the tokenizer lacks.
+    wrong = [f"{name} {value} (the model has {getattr(cfg, name)})" for name, value, bad in (
+        ("vocab_size", tokenizer.get_piece_size(), tokenizer.get_piece_size() > cfg.vocab_size),
+        ("bos_token_id", tokenizer.bos_id(), tokenizer.bos_id() != cfg.bos_token_id),
+        ("eos_token_id", tokenizer.eos_id(), tokenizer.eos_id() != cfg.eos_token_id)) if bad]
     if wrong:
         raise CheckpointError(f"the tokenizer {path} does not match the checkpoint: it has {', '.join(wrong)}")
     return tokenizer
@@ -103,7 +105,7 @@ def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     tokenizer = load_tokenizer(directory, cfg)
     ids = [[cfg.bos_token_id] + tokenizer.encode(prompt) for prompt in prompts]
     check_prompts(ids, cfg)  # before the weights are read: a too-long prompt fails fast
-    generator = Generator(load_model(directory))
+    generator = Generator(load_model(directory), vocab_limit=tokenizer.get_piece_size())
     completions, stats = generator.generate(ids, args.max_new_tokens, sampling, args.seed, stop_strings=args.stop,
                                             detokenize=tokenizer.decode)
     lines = [json.dumps(dict(prompt=prompt, completion=c.text, token_ids=c.token_ids, num_tokens=len(c.token_ids),

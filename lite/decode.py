@@ -166,10 +166,18 @@ def _record(gen: Generation, sampled: jax.Array, limits: jax.Array, eos_token_id
                         reason=reason, step=gen.step + 1)
 
 
+def _usable(logits: jax.Array, vocab_limit: int | None) -> jax.Array:
+    """-inf for ids >= vocab_limit (a tokenizer smaller than the model's vocabulary cannot decode them)."""
+    if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+
+
 def _start(model: LongcatModel, tokens: jax.Array, lengths: jax.Array, limits: jax.Array, key: jax.Array, *,
-           cache_len: int, max_new: int, sampling: Sampling) -> Generation:
+           cache_len: int, max_new: int, sampling: Sampling, vocab_limit: int | None) -> Generation:
     """Prefill and sample the first token."""
     logits, cache = prefill(model, tokens, lengths, cache_len)
+    logits = _usable(logits, vocab_limit)
     batch = tokens.shape[0]
     gen = Generation(cache, jnp.full((batch, max_new), -1, jnp.int32), jnp.zeros((batch,), jnp.int32),
                      jnp.zeros((batch,), jnp.int32), limits <= 0, jnp.zeros((batch,), jnp.int32),
@@ -178,7 +186,7 @@ def _start(model: LongcatModel, tokens: jax.Array, lengths: jax.Array, limits: j
 
 
 def _continue(model: LongcatModel, gen: Generation, limits: jax.Array, until: jax.Array, *,
-              sampling: Sampling) -> Generation:
+              sampling: Sampling, vocab_limit: int | None) -> Generation:
     """Decode until step `until` (traced: chunk sizes do not recompile) or until every row is done."""
     def running(gen):
         return (gen.step < until) & ~jnp.all(gen.done)
@@ -187,7 +195,7 @@ def _continue(model: LongcatModel, gen: Generation, limits: jax.Array, until: ja
         logits, cache = decode_step(model, gen.cache, gen.last)
         # Finished rows keep their length, so their cache never grows past its bucket.
         cache = cache._replace(lengths=jnp.where(gen.done, gen.cache.lengths, cache.lengths))
-        sampled = sample(logits, jax.random.fold_in(gen.key, gen.step), sampling)
+        sampled = sample(_usable(logits, vocab_limit), jax.random.fold_in(gen.key, gen.step), sampling)
         return _record(gen._replace(cache=cache), sampled, limits, model.cfg.eos_token_id)
 
     return jax.lax.while_loop(running, one_step, gen)
@@ -231,14 +239,19 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig) -> None:
 
 
 class Generator:
-    """Batch generation with one model; keeps one compiled prefill and decode loop per bucket."""
+    """Batch generation with one model; keeps one compiled prefill and decode loop per bucket.
 
-    def __init__(self, model: LongcatModel):
+    vocab_limit: only ids below it are ever generated (a tokenizer with fewer pieces than the model's
+    vocabulary, as train.py's may have, cannot decode the others)."""
+
+    def __init__(self, model: LongcatModel, vocab_limit: int | None = None):
         self.cfg = model.cfg
         graphdef, self.state = nnx.split(model)
-        self._start = jax.jit(lambda state, *args, **kw: _start(nnx.merge(graphdef, state), *args, **kw),
+        self._start = jax.jit(lambda state, *args, **kw: _start(nnx.merge(graphdef, state), *args,
+                                                                vocab_limit=vocab_limit, **kw),
                               static_argnames=("cache_len", "max_new", "sampling"))
-        self._continue = jax.jit(lambda state, *args, **kw: _continue(nnx.merge(graphdef, state), *args, **kw),
+        self._continue = jax.jit(lambda state, *args, **kw: _continue(nnx.merge(graphdef, state), *args,
+                                                                      vocab_limit=vocab_limit, **kw),
                                  static_argnames=("sampling",), donate_argnums=(1,))
         self.compiled: dict[tuple, Callable] = {}  # (program, shapes, sampling) -> executable
 

@@ -16,6 +16,7 @@ from lite.config import get_config
 from lite.model import LongcatModel
 
 CFG = get_config("tiny", initializer_range=0.1)
+PIECES = 400  # tokenizer pieces < CFG.vocab_size = 512
 
 
 def kjv_verses(count: int) -> list[str]:
@@ -34,10 +35,11 @@ def train_tokenizer(path: pathlib.Path, vocab_size: int) -> spm.SentencePiecePro
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A train.py-style run directory: RUN_DIR/model holds config, weights and tokenizer.model."""
+    """A train.py-style run directory: RUN_DIR/model holds config, weights and tokenizer.model. The
+    tokenizer has fewer pieces than the model's vocabulary, as train.py's may (hard_vocab_limit=False)."""
     root = tmp_path_factory.mktemp("serve")
     tokenizer = root / "tok.model"
-    train_tokenizer(tokenizer, CFG.vocab_size)
+    train_tokenizer(tokenizer, PIECES)
     save_model(LongcatModel(CFG, rngs=nnx.Rngs(0)), root / "run" / "model",
                extra_files={"tokenizer.model": str(tokenizer)})
     return root / "run"
@@ -57,7 +59,7 @@ def test_generates_one_line_per_prompt_and_a_summary(run_dir):
     for prompt, line in zip(prompts, lines):
         assert line["prompt"] == prompt
         assert line["num_tokens"] == len(line["token_ids"]) > 0
-        assert all(0 <= t < CFG.vocab_size and t != CFG.eos_token_id for t in line["token_ids"])
+        assert all(0 <= t < PIECES and t != CFG.eos_token_id for t in line["token_ids"])  # never undecodable
         assert line["completion"] == tokenizer.decode(line["token_ids"])
         assert line["stop_reason"] in ("eos", "max_new_tokens")
         assert line["stop_reason"] == "eos" or line["num_tokens"] == 12
@@ -109,8 +111,8 @@ def broken_checkpoint(run_dir, tmp_path, how):
     elif how == "bad tokenizer":
         (broken / "tokenizer.model").write_bytes(b"not a model")
     elif how == "other tokenizer":
-        train_tokenizer(tmp_path / "small.model", 300)
-        shutil.copyfile(tmp_path / "small.model", broken / "tokenizer.model")
+        train_tokenizer(tmp_path / "large.model", 600)
+        shutil.copyfile(tmp_path / "large.model", broken / "tokenizer.model")
     return broken
 
 
@@ -120,7 +122,7 @@ def broken_checkpoint(run_dir, tmp_path, how):
     ("config", "is not a valid model config"),
     ("no tokenizer", "no tokenizer in .*tokenizer.model is missing"),
     ("bad tokenizer", "is not a SentencePiece model"),
-    ("other tokenizer", r"does not match the checkpoint: it has vocab_size 300 \(the model has 512\)"),
+    ("other tokenizer", r"does not match the checkpoint: it has vocab_size 600 \(the model has 512\)"),
 ])
 def test_bad_checkpoints(run_dir, tmp_path, capsys, how, message):
     path = tmp_path / "nowhere" if how == "missing" else broken_checkpoint(run_dir, tmp_path, how)
