@@ -32,11 +32,10 @@ from lite.config import ConfigError, ModelConfig, get_config
 from lite.data import (DataError, FrozenIteratorState, encode_documents, kjv_corpus, load_corpus, load_tokenizer,
                        packed_rows, training_batches, unigram_entropy, validation_rows_for_process)
 from lite.model import LongcatModel
+from sharding import mesh as sharding_mesh
 from lite.training import (TrainConfig, TrainState, expert_load_metrics, flops_per_token, init_state,
                            make_eval_step, make_train_step, parse_overrides, peak_flops)
 
-MESH_AXES = ("data", "expert")
-BATCH_AXES = ("data", "expert")  # the batch is split over every mesh axis; parameters are replicated
 KJV_PROMPTS = ("In the beginning", "And the LORD said unto Moses,", "Blessed are the")
 END_RESERVE_S = 25.0  # final validation, sampling, plots: kept out of the planned step budget
 
@@ -48,37 +47,16 @@ class RunError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Devices.
 
-def maybe_initialize_distributed(force: bool) -> None:
-    """jax.distributed.initialize() on multi-host launches (it reads the cluster from the environment)."""
-    env = os.environ
-    multi_host = (force or "JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
-                  or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-    if multi_host:
-        jax.distributed.initialize()
-
-
 def make_mesh(spec: str | None) -> jax.sharding.Mesh:
-    """`data=..,expert=..` -> a mesh over all devices (default: everything on `data`)."""
-    sizes = {"data": jax.device_count(), "expert": 1} if not spec else {}
-    for item in (spec.split(",") if spec else ()):
-        name, _, value = item.partition("=")
-        if name not in MESH_AXES or not value.isdigit() or int(value) < 1:
-            raise RunError(f"--mesh {spec!r}: expected {'=N,'.join(MESH_AXES)}=N with positive integers")
-        sizes[name] = int(value)
-    sizes = {name: sizes.get(name, 1) for name in MESH_AXES}
-    if math.prod(sizes.values()) != jax.device_count():
-        raise RunError(f"--mesh {spec}: {math.prod(sizes.values())} devices requested, {jax.device_count()} present")
-    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-
-
-def state_sharding(mesh: jax.sharding.Mesh):
-    """Where the training state lives: replicated (plain data parallelism). The sharding package's
-    expert / N-gram table rules plug in here."""
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    """`data=..,fsdp=..,expert=..` -> a mesh over all devices (default: everything on `data`)."""
+    try:
+        return sharding_mesh.make_mesh(spec or f"data={jax.device_count()}")
+    except sharding_mesh.MeshSpecError as error:
+        raise RunError(f"--mesh: {error}") from error
 
 
 def global_batch(mesh: jax.sharding.Mesh, *local: np.ndarray) -> list[jax.Array]:
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding_mesh.batch_axes(mesh)))
     return [jax.make_array_from_process_local_data(sharding, x) for x in local]
 
 
@@ -242,7 +220,7 @@ def check_same_run(run: dict, args: argparse.Namespace) -> None:
 
 
 def check_fits(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
-    parallel = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    parallel = math.prod(mesh.shape[a] for a in sharding_mesh.batch_axes(mesh))
     if tcfg.batch_size % parallel:
         raise ConfigError(f"batch_size={tcfg.batch_size} is not divisible by the data-parallel size {parallel} "
                           f"(mesh {dict(mesh.shape)})")
@@ -321,6 +299,9 @@ def train(args: argparse.Namespace) -> None:
     cfg, tcfg = config_from_dict(run["model"]), TrainConfig(**run["train"])
     mesh = make_mesh(args.mesh)
     check_fits(cfg, tcfg, mesh)
+    # Traced under the mesh: the MoE runs expert-parallel and the N-gram table is row-sharded
+    # whenever the mesh has more than one device (sharding/), with the same model code.
+    jax.set_mesh(mesh)
 
     # Data and tokenizer.
     corpus = kjv_corpus() if run["data"] == "kjv" else load_corpus(run["data"], run["text_field"])
@@ -347,7 +328,7 @@ def train(args: argparse.Namespace) -> None:
         f"pieces; unigram entropy {entropy:.3f} nats")
 
     # Model, optimizer, compiled functions.
-    graphdef, state, tx = init_state(cfg, tcfg, state_sharding(mesh))
+    graphdef, state, tx = init_state(cfg, tcfg, mesh)
     donate = () if jax.default_backend() == "cpu" else (0,)  # CPU: arrays may alias host memory an async save reads
     train_step = jax.jit(make_train_step(graphdef, tx, cfg, tcfg), donate_argnums=donate)
     eval_step = jax.jit(make_eval_step(graphdef))
@@ -505,7 +486,7 @@ def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
         # Compiled steps are cached across runs: a resumed run or the next experiment starts in seconds.
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(args.cache_dir) / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    maybe_initialize_distributed(args.distributed)
+    sharding_mesh.initialize_distributed(args.distributed)
     try:
         train(args)
     except (ConfigError, DataError, CheckpointError, RunError) as error:

@@ -25,6 +25,7 @@ from lite.model import LongcatModel, next_token_loss
 from lite.moe import ffn_experts_per_token
 from lite.ngram import ngram_ids
 from lite.params import count_params
+from sharding.rules import state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +160,11 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimizer steps taken
 
 
-def init_state(cfg: ModelConfig, tcfg: TrainConfig, sharding=None
+def init_state(cfg: ModelConfig, tcfg: TrainConfig, mesh=None
                ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
     """A fresh model (seeded with tcfg.seed) and optimizer state, created in one compiled call
-    (creating the model eagerly compiles every initializer separately: seconds per run)."""
+    (creating the model eagerly compiles every initializer separately: seconds per run), and
+    placed on `mesh` by sharding.rules (experts, N-gram rows and dense weights split as the mesh allows)."""
     graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
     tx = optimizer(tcfg, abstract_params)
 
@@ -170,7 +172,8 @@ def init_state(cfg: ModelConfig, tcfg: TrainConfig, sharding=None
         _, params, other = nnx.split(LongcatModel(cfg, rngs=nnx.Rngs(tcfg.seed)), nnx.Param, ...)
         return TrainState(params, other, tx.init(params), jnp.zeros((), jnp.int32))
 
-    return graphdef, jax.jit(create, out_shardings=sharding)(), tx
+    shardings = None if mesh is None else state_shardings(jax.eval_shape(create), mesh)
+    return graphdef, jax.jit(create, out_shardings=shardings)(), tx
 
 
 def z_loss(logits: jax.Array, segment_ids: jax.Array) -> jax.Array:

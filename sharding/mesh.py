@@ -12,6 +12,7 @@ N-gram table's rows are split over as many of the axes as divide its row count (
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -85,3 +86,13 @@ def active_mesh():
         raise MeshSpecError(f"mesh axes {mesh.axis_names} are not all among {MESH_AXES}; build the mesh "
                             "with sharding.make_mesh")
     return mesh
+
+
+def initialize_distributed(force: bool = False) -> None:
+    """`jax.distributed.initialize()` on multi-host launches (the cluster is read from the
+    environment: TPU VMs, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS); nothing on one host."""
+    env = os.environ
+    multi_host = (force or "JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+                  or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+    if multi_host:
+        jax.distributed.initialize()
