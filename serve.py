@@ -23,6 +23,7 @@ from typing import Sequence, TextIO
 from lite.checkpoint import CONFIG_FILE, CheckpointError, load_config, load_model
 from lite.config import ConfigError, ModelConfig
 from lite.decode import DecodeError, Generator, Sampling, check_prompts
+from sharding.mesh import MeshSpecError, initialize_distributed, make_mesh
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -42,6 +43,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--mesh", help="decode sharded over all devices, e.g. expert=8 or data=2,expert=4 "
+                                       "(sharding/: experts and N-gram table rows split; default: one device)")
     return parser.parse_args(argv)
 
 
@@ -105,7 +108,8 @@ def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     tokenizer = load_tokenizer(directory, cfg)
     ids = [[cfg.bos_token_id] + tokenizer.encode(prompt) for prompt in prompts]
     check_prompts(ids, cfg)  # before the weights are read: a too-long prompt fails fast
-    generator = Generator(load_model(directory), vocab_limit=tokenizer.get_piece_size())
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    generator = Generator(load_model(directory), vocab_limit=tokenizer.get_piece_size(), mesh=mesh)
     completions, stats = generator.generate(ids, args.max_new_tokens, sampling, args.seed, stop_strings=args.stop,
                                             detokenize=tokenizer.decode)
     lines = [json.dumps(dict(prompt=prompt, completion=c.text, token_ids=c.token_ids, num_tokens=len(c.token_ids),
@@ -124,9 +128,10 @@ def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    initialize_distributed()
     try:
         serve(args, sys.stdin, sys.stdout)
-    except (ServeError, DecodeError, CheckpointError, ConfigError) as error:
+    except (ServeError, DecodeError, CheckpointError, ConfigError, MeshSpecError) as error:
         raise SystemExit(f"serve.py: error: {error}") from None
 
 

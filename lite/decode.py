@@ -14,6 +14,8 @@ same bucket never recompile. `prefill` and `decode_step` are pure functions of (
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import time
 from typing import Callable, NamedTuple, Sequence
@@ -244,9 +246,14 @@ class Generator:
     vocab_limit: only ids below it are ever generated (a tokenizer with fewer pieces than the model's
     vocabulary, as train.py's may have, cannot decode the others)."""
 
-    def __init__(self, model: LongcatModel, vocab_limit: int | None = None):
-        self.cfg = model.cfg
+    def __init__(self, model: LongcatModel, vocab_limit: int | None = None, mesh: jax.sharding.Mesh | None = None):
+        """mesh: decode sharded (sharding/: experts split, N-gram rows split, batch over every axis)."""
+        self.cfg, self.mesh = model.cfg, mesh
         graphdef, self.state = nnx.split(model)
+        if mesh is not None:
+            from sharding.rules import state_shardings
+
+            self.state = jax.device_put(self.state, state_shardings(self.state, mesh))
         self._start = jax.jit(lambda state, *args, **kw: _start(nnx.merge(graphdef, state), *args,
                                                                 vocab_limit=vocab_limit, **kw),
                               static_argnames=("cache_len", "max_new", "sampling"))
@@ -259,7 +266,8 @@ class Generator:
         key = (name, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)), tuple(sorted(static.items())))
         if key not in self.compiled:
             began = time.perf_counter()
-            self.compiled[key] = jitted.lower(self.state, *args, **static).compile()
+            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                self.compiled[key] = jitted.lower(self.state, *args, **static).compile()
             stats.compile_seconds += time.perf_counter() - began
         return self.compiled[key]
 
@@ -280,7 +288,8 @@ class Generator:
         n = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         limits = np.minimum(max_new_tokens, cfg.max_position_embeddings - lengths)
-        batch, prompt_len = bucket(n), bucket(int(lengths.max()), 16)
+        # On a mesh every device holds a slice of the batch: at least one row each.
+        batch, prompt_len = bucket(n, 1 if self.mesh is None else self.mesh.size), bucket(int(lengths.max()), 16)
         max_new = bucket(max_new_tokens, 16)
         cache_len = bucket(int((lengths + limits).max()), 16)
         tokens = np.zeros((batch, prompt_len), np.int32)

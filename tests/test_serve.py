@@ -151,3 +151,30 @@ def test_empty_stdin(run_dir, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="no prompts given"):
         serve.main(["--checkpoint", str(run_dir)])
     assert capsys.readouterr().out == ""
+
+
+def test_mesh_decoding_equals_one_device(run_dir):
+    """--mesh expert=4 (experts and N-gram rows split over 4 fake CPU devices) decodes the same tokens."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    prompts = ["In the beginning God created", "And the earth"]
+
+    def serve_lines(*extra):
+        done = subprocess.run([sys.executable, "serve.py", "--checkpoint", str(run_dir), "--max-new-tokens", "8",
+                               *extra, *prompts], cwd=pathlib.Path(serve.__file__).parent, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line) for line in done.stdout.splitlines()]
+
+    alone, sharded = serve_lines(), serve_lines("--mesh", "expert=4")
+    assert [line["token_ids"] for line in sharded[:2]] == [line["token_ids"] for line in alone[:2]]
+    assert all(line["num_tokens"] > 0 for line in sharded[:2])
+
+
+def test_bad_mesh_is_one_clear_error(run_dir, capsys):
+    with pytest.raises(SystemExit, match=r"mesh \{'data': 3\} needs 3 devices, but 1 are available"):
+        serve.main(["--checkpoint", str(run_dir), "--mesh", "data=3", "hello"])
+    assert capsys.readouterr().out == ""
