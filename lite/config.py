@@ -243,6 +243,7 @@ PRESETS: dict[str, ModelConfig] = {
         ffn_hidden_size=512,
         n_routed_experts=8, zero_expert_num=4, moe_topk=3, expert_ffn_hidden_size=256,
         routed_scaling_factor=2.0, target_ffn_experts_per_token=2.0,
+        router_bias_update_rate=1e-2,  # a short CPU run has only hundreds of steps to balance in
         ngram_n=3, ngram_k=2, ngram_vocab_ratio=8, embedding_amplification="none",
     ),
     "longcat-flash-lite": _LONGCAT_FLASH_LITE,
