@@ -11,6 +11,7 @@ from pallas_kernels import backend as backends
 from pallas_kernels.backend import IMPLEMENTATIONS
 from pallas_kernels.ragged_matmul import gpu, tpu
 from pallas_kernels.ragged_matmul.reference import ragged_matmul_reference
+from pallas_kernels.ragged_matmul.xla_tiled import tiled_ragged_matmul
 
 __all__ = ["IMPLEMENTATIONS", "ragged_matmul", "kernel_ragged_matmul"]
 
@@ -18,6 +19,9 @@ __all__ = ["IMPLEMENTATIONS", "ragged_matmul", "kernel_ragged_matmul"]
 def ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, group_offset: jax.Array | int | None = None,
                   implementation: str = "auto") -> jax.Array:
     """lhs [m, k] @ rhs[g, k, n] grouped by int32 group_sizes [G] -> [m, n] (see the reference).
+
+    implementation: "xla" is the reference (`jax.lax.ragged_dot`); "auto" runs the Pallas kernel on
+    TPU / GPU and the tiled XLA formulation (xla_tiled.py) elsewhere.
 
     group_offset: rhs holds groups group_offset .. group_offset + g - 1 of the G (expert-sharded
     weights); the rows of other groups come out as zeros.
@@ -33,6 +37,8 @@ def ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, gro
         raise ValueError(f"ragged_matmul: rhs has {rhs.shape[0]} groups, more than group_sizes' {group_sizes.shape[0]}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"ragged_matmul: group_sizes must be integers, got {group_sizes.dtype}")
+    if choice == "xla" and implementation == "auto":  # XLA:CPU's ragged_dot does g times the work
+        return tiled_ragged_matmul(lhs, rhs, group_sizes, group_offset)
     if choice == "xla":
         return ragged_matmul_reference(lhs, rhs, group_sizes, group_offset)
     offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)

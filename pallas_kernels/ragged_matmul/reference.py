@@ -14,15 +14,22 @@ def ragged_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Arr
     of the G in group_sizes (expert-sharded weights; g == G without an offset); rows of the other
     groups and rows past sum(group_sizes) come out as zeros. Accumulates in float32.
     """
+    sizes, weights = local_groups(rhs, group_sizes, group_offset)
+    out = jax.lax.ragged_dot(lhs, weights, sizes, preferred_element_type=jnp.float32)
+    return out.astype(lhs.dtype)
+
+
+def local_groups(rhs: jax.Array, group_sizes: jax.Array,
+                 group_offset: jax.Array | int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(int32 sizes [g'], weights [g', k, n]) covering the rows in order, for rhs holding groups
+    group_offset .. group_offset + g - 1: the rows before the local groups form one extra group with
+    zero weights; the rows after them lie past sum(sizes)."""
     group_sizes = group_sizes.astype(jnp.int32)
     if group_offset is None and rhs.shape[0] == group_sizes.shape[0]:
-        out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-        return out.astype(lhs.dtype)
-    # The rows before the local groups form one extra group with zero weights.
+        return group_sizes, rhs
     offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
     before = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < offset, group_sizes, 0))
     local = jax.lax.dynamic_slice(group_sizes, (offset,), (rhs.shape[0],))
     sizes = jnp.concatenate([before[None], local])
     weights = jnp.concatenate([jnp.zeros((1,) + rhs.shape[1:], rhs.dtype), rhs])
-    out = jax.lax.ragged_dot(lhs, weights, sizes, preferred_element_type=jnp.float32)
-    return out.astype(lhs.dtype)
+    return sizes, weights
