@@ -36,4 +36,5 @@ def test_random_rate_and_recommendation():
     assert random_hash_rate(1, 10) == 0.0
     assert random_hash_rate(1001, 1000) == pytest.approx(1 - 0.999**1000)
     size = recommend(4096, 78.0)
-    assert size % 2 == 1 and size % 4096 == 4096 // 2 + 1  # halfway between two multiples of V0
+    assert all(size % p for p in range(2, int(size**0.5) + 1))  # prime
+    assert 78.5 * 4096 <= size < 78.5 * 4096 + 200  # from halfway between two multiples of V0
