@@ -58,11 +58,12 @@ def random_hash_rate(num_distinct: int, table_size: int) -> float:
 
 def candidate_sizes(vocab_size: int, ratios: list[float]) -> list[tuple[str, int]]:
     """For each ratio r: exactly r*V0 (a multiple when r is whole), the released form r*V0 + 2s + 1
-    (s = 0), and r*V0 shifted by a third of V0 (far from any multiple)."""
+    (s = 0), r*V0 shifted by a third of V0, and the recommended prime from (r + 1/2) V0."""
     sizes = []
     for r in ratios:
         base = int(round(r * vocab_size))
-        sizes += [(f"{r:g} x V0", base), (f"{r:g} x V0 + 1", base + 1), (f"{r:g} x V0 + V0/3", base + vocab_size // 3)]
+        sizes += [(f"{r:g} x V0", base), (f"{r:g} x V0 + 1", base + 1), (f"{r:g} x V0 + V0/3", base + vocab_size // 3),
+                  (f"{r:g} x V0 + V0/2, prime", recommend(vocab_size, r))]
     return sizes
 
 
@@ -104,21 +105,33 @@ def format_table(results: dict) -> str:
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
+    """One panel per order: a line per kind of size (multiple, +1, +V0/3) and the random-hash rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for order, data in sorted(results["orders"].items()):
-        sizes = [e["size"] / results["vocab_size"] for e in data["sizes"]]
-        rates = [e["collision_rate"] for e in data["sizes"]]
-        ax.plot(sizes, rates, marker="o", label=f"{order}-grams ({data['distinct']:,} distinct)")
-    ax.set_xlabel("sub-table size / V0")
-    ax.set_ylabel("share of distinct n-grams sharing a row")
-    ax.set_yscale("log")
-    ax.set_title(f"hash collisions, V0 = {results['vocab_size']}")
-    ax.legend()
+    v0 = results["vocab_size"]
+    orders = sorted(results["orders"])
+    fig, axes = plt.subplots(1, len(orders), figsize=(5 * len(orders), 4), squeeze=False)
+    for ax, order in zip(axes[0], orders):
+        data = results["orders"][order]
+        kinds: dict[str, list] = {}
+        for entry in data["sizes"]:
+            kind = entry["label"].split("x V0", 1)[1].strip() or "exact multiple"
+            kinds.setdefault(kind, []).append(entry)
+        for kind, entries in kinds.items():
+            ax.plot([e["size"] / v0 for e in entries], [e["collision_rate"] for e in entries], marker="o",
+                    label=f"r x V0 {kind}" if kind != "exact multiple" else "r x V0 (a multiple)")
+        sizes = [e["size"] for e in next(iter(kinds.values()))]
+        ax.plot([v / v0 for v in sizes], [random_hash_rate(data["distinct"], v) for v in sizes], "k--",
+                label="random rows")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sub-table size / V0")
+        ax.set_title(f"{order}-grams ({data['distinct']:,} distinct)")
+        ax.set_ylabel("share of distinct n-grams sharing a row")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"hash collisions, V0 = {v0}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
