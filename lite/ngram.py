@@ -171,11 +171,11 @@ class NgramEmbedding(nnx.Module):
         out = jnp.take(self.token_table[...], tokens, axis=0).astype(dtype)
         if not cfg.has_ngram:
             return out
-        rows = ids + jnp.asarray(cfg.ngram_table_offsets, jnp.int32)  # [..., S] flat rows
         mesh = active_mesh()  # under jax.set_mesh: the table's rows are split over the devices
         if mesh is not None:
             from sharding.ngram import gather_rows
 
+            rows = ids + jnp.asarray(cfg.ngram_table_offsets, jnp.int32)  # [..., S] flat rows
             gathered = gather_rows(self.ngram_table[...], rows, mesh).astype(dtype)
         else:
             from pallas_kernels.ngram_gather import ngram_gather  # here: pallas_kernels imports this module
