@@ -1,0 +1,129 @@
+"""notebooks/demo.ipynb runs top to bottom on CPU (tiny preset, a few steps, through the environment
+variables of its parameters cell), and what it prints is right: the N-gram id table against the hash
+formula in plain Python integers, a loss that starts at ln(vocab_size) and falls, samples that continue
+the prompts, the real model's parameter total."""
+
+import math
+import os
+import pathlib
+import re
+
+import nbformat
+import pytest
+import sentencepiece as spm
+from nbclient import NotebookClient
+
+from lite.config import get_config
+from lite.data import kjv_corpus, load_tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "demo.ipynb"
+PRESET = "tiny"
+SMALL_RUN = dict(DEMO_PRESET=PRESET, DEMO_TRAIN_STEPS="8", DEMO_BATCH_SIZE="4", DEMO_SEQ_LEN="64",
+                 DEMO_PLOT_EVERY="4", DEMO_SAMPLE_TOKENS="8")
+XLA_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+CELL_TIMEOUT_S = 300  # per cell; the whole notebook takes well under a minute on an idle 2-core CPU
+
+
+@pytest.fixture(scope="module")
+def tokenizer_cache(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("tokenizer_cache")
+
+
+@pytest.fixture(scope="module")
+def executed(tokenizer_cache) -> dict[str, nbformat.NotebookNode]:
+    """Runs the notebook in a fresh kernel; returns its tagged cells, with their outputs, by tag."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    env = {**os.environ, **SMALL_RUN, "DEMO_TOKENIZER_CACHE": str(tokenizer_cache), "JAX_PLATFORMS": "cpu",
+           # This checkout, not whatever `lite` an installed copy of the project would give.
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           # Compiling is most of a tiny run: unoptimised CPU code compiles in about 60% of the time
+           # (measured: notebook 72 s -> 43 s, the same losses) and 8 tiny steps do not notice.
+           "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"), XLA_FAST_COMPILE]))}
+    client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client.execute(env=env)  # raises CellExecutionError, with the cell and its traceback, if a cell fails
+    return {tag: cell for cell in notebook.cells for tag in cell.metadata.get("tags", [])}
+
+
+def text(cell) -> str:
+    """What the cell printed, and the text form of what it displayed other than figures."""
+    parts = []
+    for output in cell.outputs:
+        data = output.get("data", {})
+        if output["output_type"] == "stream":
+            parts.append(output["text"])
+        elif "image/png" not in data:
+            parts.append(data.get("text/plain", ""))
+    return "".join(parts)
+
+
+def figures(cell) -> int:
+    return sum("image/png" in output.get("data", {}) for output in cell.outputs)
+
+
+def reference_ngram_ids(tokens: list[int], vocab_size: int, max_order: int, tables_per_order: int,
+                        ratio: int) -> list[list[int]]:
+    """ARCHITECTURE.md section 2 in Python integers: sub-table s = (n - 2) * tables_per_order + c (its c-th
+    copy for order n) has V_s = ratio * V0 + 2s + 1 rows, and the n-gram ending at token i lands in row
+    (sum_{j<n} t[i-j] * V0^j) mod V_s, tokens before the start of the text being absent. The windows
+    never restart: the tokens hold no EOS."""
+    rows = []
+    for i in range(len(tokens)):
+        row = []
+        for order in range(2, max_order + 1):
+            for copy in range(tables_per_order):
+                size = ratio * vocab_size + 2 * ((order - 2) * tables_per_order + copy) + 1
+                row.append(sum(tokens[i - j] * vocab_size**j for j in range(order) if i - j >= 0) % size)
+        rows.append(row)
+    return rows
+
+
+def test_notebook_is_saved_without_outputs():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code_cells and all(not cell.outputs and cell.execution_count is None for cell in code_cells)
+
+
+def test_ngram_id_table_matches_the_hash_formula(executed, tokenizer_cache):
+    cfg = get_config(PRESET)
+    sentence, header, *rows = text(executed["ngram-ids"]).strip().splitlines()
+    tokenizer = spm.SentencePieceProcessor(model_file=str(load_tokenizer(kjv_corpus().train, cfg, tokenizer_cache)))
+    tokens = [cfg.bos_token_id] + tokenizer.encode(sentence)
+    assert cfg.eos_token_id not in tokens and len(rows) == len(tokens)
+    expected = reference_ngram_ids(tokens, cfg.vocab_size, cfg.ngram_n, cfg.ngram_k, cfg.ngram_vocab_ratio)
+    assert header.split()[:2] == ["token", "piece"] and header.count("-gram mod") == len(expected[0])
+    for line, token, want in zip(rows, tokens, expected):
+        token_id, piece, *ids = line.split()
+        assert (int(token_id), piece) == (token, tokenizer.id_to_piece(token))
+        assert [int(i) for i in ids] == want, line
+
+
+def test_training_loss_starts_at_chance_and_falls(executed):
+    output = text(executed["train"])
+    match = re.search(r"loss at step 1: ([\d.]+) .*; mean of the last \d+ steps: ([\d.]+)", output)
+    assert match, output
+    first, final = float(match[1]), float(match[2])
+    assert math.isfinite(final)
+    # Small random weights give near-uniform predictions over the vocabulary.
+    assert first == pytest.approx(math.log(get_config(PRESET).vocab_size), abs=0.05)
+    assert final < first - 0.1
+    assert figures(executed["train"]) == 1  # clear_output leaves the last redraw of the loss plot
+
+
+def test_samples_continue_the_prompts(executed):
+    lines = [line[2:] for line in text(executed["sample"]).splitlines() if line.startswith("> ")]
+    prompts = ["In the beginning", "And the LORD said unto Moses,", "Blessed are the"]
+    assert len(lines) == len(prompts)
+    for line, prompt in zip(lines, prompts):
+        assert line.startswith(prompt)
+
+
+def test_expert_load_plot_and_real_parameter_budget(executed):
+    assert figures(executed["expert-load"]) == 1
+    found = re.search(r"FFN experts per token, by layer: \[(.*)\]", text(executed["expert-load"]))
+    cfg = get_config(PRESET)
+    per_layer = [float(x) for x in found[1].split(",")]
+    assert len(per_layer) == cfg.num_layers and all(0 <= x <= cfg.moe_topk for x in per_layer)
+    # 68,562,459,648: the released LongCat-Flash-Lite's total (README, Parameter counts).
+    assert re.search(r"^total\s+68,562,459,648\s", text(executed["param-budget"]), re.MULTILINE)
