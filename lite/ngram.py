@@ -9,7 +9,8 @@ Everything below is built on one object, the *window*: `window[..., j] = t_{i-j}
 with 0 wherever t_{i-j} lies before the start of token i's segment. A token of 0 adds nothing to the
 hash, so "before the segment start" and "before the sequence start" are the same thing. The full
 sequence form builds windows by shifting; the decode form keeps the last N-1 window entries per
-sequence (the N-gram cache). Both hash with `hash_windows`, so they agree by construction.
+sequence (the N-gram cache). Both hand windows to the same gather, which hashes them (inside the
+Pallas kernel on TPU/GPU, with `hash_windows` in XLA), so they agree by construction.
 
 Segment starts: position 0, every change of `segment_ids`, and the position after every EOS
 (an EOS is never left context; at the EOS itself its n-grams still see the tokens before it).
@@ -121,11 +122,14 @@ def ngram_cache(tokens: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | No
 
 
 def ngram_step(new_tokens: jax.Array, cache: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """One decode step: int32[B] tokens, int32[B, N-1] cache -> (int32[B, S] ids, new cache)."""
+    """One decode step: int32[B] tokens, int32[B, N-1] cache -> (int32[B, N] windows, new cache).
+
+    The windows are the new tokens' rows of `ngram_windows`; `hash_windows` turns them into ids.
+    """
     new_tokens = new_tokens.astype(jnp.int32)
     window = jnp.concatenate([new_tokens[:, None], cache], axis=1)  # [B, N]
     new_cache = jnp.where((new_tokens == cfg.eos_token_id)[:, None], 0, window[:, :-1])
-    return hash_windows(window, cfg), new_cache
+    return window, new_cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,33 +158,39 @@ class NgramEmbedding(nnx.Module):
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """int32[B, L] -> [B, L, D] in the compute dtype."""
-        ids = ngram_ids(tokens, self.cfg, segment_ids) if self.cfg.has_ngram else None
-        return self.embed(tokens, ids)
+        windows = ngram_windows(tokens, self.cfg, segment_ids) if self.cfg.has_ngram else None
+        return self.embed(tokens, windows)
 
     def step(self, new_tokens: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Decode form: int32[B] tokens and int32[B, N-1] cache -> ([B, D], new cache)."""
         if not self.cfg.has_ngram:
             return self.embed(new_tokens, None), cache
-        ids, cache = ngram_step(new_tokens, cache, self.cfg)
-        return self.embed(new_tokens, ids), cache
+        windows, cache = ngram_step(new_tokens, cache, self.cfg)
+        return self.embed(new_tokens, windows), cache
 
-    def embed(self, tokens: jax.Array, ids: jax.Array | None) -> jax.Array:
-        """int32[...] tokens and int32[..., S] local row ids -> [..., D]."""
+    def embed(self, tokens: jax.Array, windows: jax.Array | None) -> jax.Array:
+        """int32[...] tokens and their int32[..., N] n-gram windows -> [..., D].
+
+        On one device the windows go to the fused kernel, which hashes them on the fly (XLA's hash
+        and `jnp.take` on CPU); under a mesh they are hashed here into the flat rows that the
+        row-sharded gather exchanges between devices.
+        """
         cfg = self.cfg
         dtype = cfg.jnp_compute_dtype
         out = jnp.take(self.token_table[...], tokens, axis=0).astype(dtype)
         if not cfg.has_ngram:
             return out
+        # Imported here: pallas_kernels imports this module.
+        from pallas_kernels.ngram_gather import flat_rows, ngram_gather
+
         mesh = active_mesh()  # under jax.set_mesh: the table's rows are split over the devices
         if mesh is not None:
             from sharding.ngram import gather_rows
 
-            rows = ids + jnp.asarray(cfg.ngram_table_offsets, jnp.int32)  # [..., S] flat rows
+            rows = flat_rows(windows, cfg, hashed=True)  # [..., S] flat rows
             gathered = gather_rows(self.ngram_table[...], rows, mesh).astype(dtype)
         else:
-            from pallas_kernels.ngram_gather import ngram_gather  # here: pallas_kernels imports this module
-
-            gathered = ngram_gather(self.ngram_table[...], cfg, ids=ids).astype(dtype)  # [..., S, D/S]
+            gathered = ngram_gather(self.ngram_table[...], cfg, windows=windows).astype(dtype)  # [..., S, D/S]
         projected = jnp.einsum("...sw,swd->...d", gathered, self.ngram_proj[...].astype(dtype))
         out = (out + projected) / (cfg.num_ngram_tables + 1)
         if cfg.embedding_amplification == "sqrt_d":

@@ -16,6 +16,7 @@ from lite.ngram import NgramEmbedding
 
 # Jitted once per config (configs are hashable) so the many small cases stay fast.
 ngram_ids = jax.jit(ngram.ngram_ids, static_argnums=1)
+ngram_windows = jax.jit(ngram.ngram_windows, static_argnums=1)
 ngram_step = jax.jit(ngram.ngram_step, static_argnums=2)
 ngram_cache = jax.jit(ngram.ngram_cache, static_argnums=1)
 
@@ -102,12 +103,12 @@ def test_small_config_hash_matches_reference():
 def test_cache_continuation_equals_full_sequence_for_every_split():
     rows = np.array([[7, 8, 9, EOS, 10, 11, 12, 13, 14, EOS, EOS, 15],
                      [BIG, 3, 0, 4, 5, 6, EOS, 7, 8, 9, 10, 11]], np.int32)
-    full = np.asarray(ngram_ids(jnp.asarray(rows), REAL))
+    full = np.asarray(ngram_windows(jnp.asarray(rows), REAL))
     for split in range(rows.shape[1] + 1):
         cache = ngram_cache(jnp.asarray(rows[:, :split]), REAL)
         for i in range(split, rows.shape[1]):
-            ids, cache = ngram_step(jnp.asarray(rows[:, i]), cache, REAL)
-            np.testing.assert_array_equal(np.asarray(ids), full[:, i], err_msg=f"split {split}, position {i}")
+            windows, cache = ngram_step(jnp.asarray(rows[:, i]), cache, REAL)
+            np.testing.assert_array_equal(np.asarray(windows), full[:, i], err_msg=f"split {split}, position {i}")
 
 
 def test_cache_respects_lengths_and_segments():

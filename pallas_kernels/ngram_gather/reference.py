@@ -18,7 +18,7 @@ from lite.ngram import hash_windows
 
 
 def flat_rows(keys: jax.Array, cfg: ModelConfig, hashed: bool) -> jax.Array:
-    """int32[T, N] windows or int32[T, S] local ids -> int32[T, S] rows of the flat table."""
+    """int32[..., N] windows or int32[..., S] local ids -> int32[..., S] rows of the flat table."""
     ids = hash_windows(keys, cfg) if hashed else keys.astype(jnp.int32)
     return ids + jnp.asarray(cfg.ngram_table_offsets, jnp.int32)
 
