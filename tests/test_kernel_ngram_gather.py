@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 
+import pallas_kernels.ngram_gather as ngram_gather_package
 from lite.config import get_config
-from lite.ngram import ngram_ids, ngram_windows
+from lite.ngram import NgramEmbedding, ngram_cache, ngram_ids, ngram_windows
 from pallas_kernels.ngram_gather import RowSpec, kernel_ngram_gather, ngram_gather, scatter_add_rows
 
 CFG = get_config("tiny", vocab_size=40000, ngram_vocab_ratio=3, hidden_size=16)
@@ -70,15 +72,17 @@ def keys_of(tokens, segments):
     return windows, ids
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("backend", ["interpret", "gpu-interpret"])
 @settings(max_examples=10, deadline=None)
 @given(batch=batches())
-def test_kernel_rows_equal_the_table_at_lite_ids(backend, batch):
+def test_kernel_rows_equal_the_table_at_lite_ids(backend, dtype, batch):
     tokens, segments = batch
     windows, ids = keys_of(tokens, segments)
-    want = TABLE[expected_rows(CFG, tokens, segments)]  # [T, S, w]
+    table = jnp.asarray(TABLE, dtype)
+    want = np.asarray(table)[expected_rows(CFG, tokens, segments)]  # [T, S, w]
     for keys, hashed in ((windows, True), (ids, False)):
-        got = kernel_rows(jnp.asarray(TABLE), keys, backend=backend, hashed=hashed)
+        got = kernel_rows(table, keys, backend=backend, hashed=hashed)
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -118,13 +122,54 @@ def test_scatter_add_is_deterministic_and_exact_for_unique_rows():
     np.testing.assert_array_equal(np.asarray(first[7]), np.asarray(grads[6]))
 
 
-def test_tpu_simulator_finds_no_races_or_out_of_bounds_dmas():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tpu_simulator_finds_no_races_or_out_of_bounds_dmas(dtype):
     tokens = np.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, (B, L)), np.int32)
     segments = np.ones((B, L), np.int32)
     windows, _ = keys_of(tokens, segments)
+    rows = expected_rows(CFG, tokens, segments)
+    table = jnp.asarray(TABLE, dtype)
     params = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise")
-    got = kernel_ngram_gather(jnp.asarray(TABLE), windows, CFG, True, backend=params, block_tokens=16)
-    np.testing.assert_array_equal(np.asarray(got), TABLE[expected_rows(CFG, tokens, segments)])
+    got = kernel_ngram_gather(table, windows, CFG, True, backend=params, block_tokens=16)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(table)[rows])
+
+
+def test_bf16_rows_and_table_gradient_equal_the_xla_reference():
+    """bf16 tables go through row pairs on TPU (tpu.py): forward and VJP against the XLA reference,
+    bit for bit, with ids that hit the first and the last row of the table (both halves of a pair)."""
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, min(CFG.ngram_table_sizes) - 1, (B * L, CFG.num_ngram_tables)).astype(np.int32)
+    ids[0, 0], ids[1, -1] = 0, CFG.ngram_table_sizes[-1] - 1  # flat rows 0 and R - 1
+    ids[2:6] = ids[6:10] ^ 1  # adjacent rows: both halves of row pairs
+    table = jnp.asarray(TABLE, jnp.bfloat16)
+    d_rows = jnp.asarray(rng.normal(size=(B * L, CFG.num_ngram_tables, CFG.ngram_table_width)), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    @functools.partial(jax.value_and_grad, has_aux=True)
+    def loss(table, backend):
+        if backend == "xla":
+            rows = ngram_gather(table, CFG, ids=ids, implementation="xla")
+        else:
+            rows = kernel_ngram_gather(table, jnp.asarray(ids), CFG, False, backend=backend, block_tokens=16)
+        return jnp.sum(rows.astype(jnp.float32) * d_rows), rows
+
+    (_, want), want_grad = loss(table, "xla")
+    for backend in ("interpret", pltpu.InterpretParams(out_of_bounds_reads="raise")):
+        (_, got), grad = loss(table, backend)
+        assert got.dtype == grad.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(grad), np.asarray(want_grad))
+
+
+def test_tpu_kernel_refuses_tables_it_cannot_copy():
+    from pallas_kernels.ngram_gather import tpu
+
+    spec = RowSpec.from_config(CFG, hashed=False)
+    keys = jnp.zeros((4, CFG.num_ngram_tables), jnp.int32)
+    with pytest.raises(ValueError, match="even number of rows"):
+        tpu.gather(jnp.zeros((7, 4), jnp.bfloat16), keys, spec, interpret=True)
+    with pytest.raises(ValueError, match="float16 tables are not supported"):
+        tpu.gather(jnp.zeros((8, 4), jnp.float16), keys, spec, interpret=True)
 
 
 def test_dispatch_keeps_leading_dims_and_rejects_bad_keys():
@@ -140,3 +185,45 @@ def test_dispatch_keeps_leading_dims_and_rejects_bad_keys():
         ngram_gather(jnp.asarray(TABLE), CFG, ids=ids[..., :3])
     with pytest.raises(ValueError, match="table must be"):
         ngram_gather(jnp.asarray(TABLE[:10]), CFG, ids=ids)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embedding_hands_windows_to_the_kernel_and_matches_xla(dtype, monkeypatch):
+    """NgramEmbedding's prefill (`__call__`) and decode (`step`) give the gather token windows (the
+    fused path); with the gather forced onto the TPU kernel (interpret mode) the embeddings and the
+    table gradient equal the XLA reference's bit for bit."""
+    cfg = CFG.replace(param_dtype=dtype, compute_dtype=dtype)
+    emb = NgramEmbedding(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(7)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 9)), jnp.int32).at[0, 4].set(cfg.eos_token_id)
+    segments = jnp.asarray([[1] * 9, [1] * 5 + [2] * 4], jnp.int32)
+
+    def run():  # traced afresh on every call, so the gather is looked up again
+        @nnx.jit
+        def prefill_and_table_grad(emb):
+            grads = nnx.grad(lambda emb: jnp.sum(emb(tokens, segments).astype(jnp.float32) ** 2))(emb)
+            return emb(tokens, segments), grads["ngram_table"][...]
+
+        step = nnx.jit(lambda emb, new_tokens, cache: emb.step(new_tokens, cache))
+        cache = ngram_cache(tokens[:1, :3], cfg)
+        steps = []
+        for i in range(3, tokens.shape[1]):
+            out, cache = step(emb, tokens[:1, i], cache)
+            steps.append(out)
+        prefill, table_grad = prefill_and_table_grad(emb)
+        return prefill, jnp.stack(steps), table_grad
+
+    want = run()  # CPU: "auto" is the XLA reference
+    keys = []
+
+    def forced(table, cfg, **kwargs):
+        keys.append(tuple(kwargs))
+        return ngram_gather(table, cfg, **kwargs, implementation="pallas")
+
+    monkeypatch.setattr(ngram_gather_package, "ngram_gather", forced)
+    got = run()
+    assert keys and set(keys) == {("windows",)}, keys
+    for name, a, b in zip(("prefill", "decode", "table gradient"), got, want):
+        assert a.dtype == b.dtype == jnp.dtype(dtype), name
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
+    assert np.abs(np.asarray(want[2], np.float32)).sum() > 0

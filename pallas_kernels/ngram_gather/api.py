@@ -34,8 +34,8 @@ def ngram_gather(table: jax.Array, cfg: ModelConfig, *, windows: jax.Array | Non
         raise ValueError(f"ngram_gather: {name} must be integers [..., {spec.num_keys}], got {keys.dtype}{keys.shape}")
     lead = keys.shape[:-1]
     flat = keys.reshape(-1, spec.num_keys).astype(jnp.int32)
-    if choice == "tpu" and table.dtype.itemsize != 4 and implementation == "auto":
-        choice = "xla"  # see tpu.py: the TPU kernel gathers 32-bit rows only
+    if choice == "tpu" and implementation == "auto" and tpu.unsupported(table) is not None:
+        choice = "xla"  # see tpu.py: 32-bit and bf16 tables (bf16 with an even row count)
     if choice == "xla":
         out = ngram_gather_reference(table, flat, cfg, hashed)
     else:

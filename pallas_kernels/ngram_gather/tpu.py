@@ -1,12 +1,23 @@
 """N-gram gather for TPU (Mosaic): table left in HBM, rows DMA'd into a double-buffered VMEM block.
 
-32-bit tables only: Mosaic cannot DMA a single row into a packed (16-bit) VMEM tile, so the dispatch
-uses XLA for 16-bit tables on TPU.
-
 Grid: one step per block of `block_tokens` tokens, run in order. Step i holds the keys of blocks i
 and i+1 in SMEM, computes the flat rows on the scalar unit (rows.RowSpec), starts the row DMAs of
 block i+1 into the other VMEM slot, waits for block i's (started one step earlier) and hands the
 slot to the pipelined output block. The table is never copied whole (`memory_space=pl.ANY`).
+
+32-bit tables: one DMA per row. bf16 tables: TPU memory packs 16-bit values in pairs of rows (one
+32-bit word holds rows 2k and 2k+1 of a column, the low and the high half as `pltpu.bitcast` views
+them), and Mosaic slices packed memory only at even rows and in whole pairs ("Offsets / Slice sizes
+along tiled dimensions must be aligned to tiles" otherwise), so one row cannot be copied alone,
+whatever the VMEM destination looks like. Each lookup copies its aligned row pair instead (into a
+[2S, w] bf16 slot) and records 16 * (row % 2) in a VMEM block of shifts; once the block has landed,
+the slot is viewed as 32-bit words (`pltpu.bitcast`, [S, w]), and each word is shifted right by its
+row's shift and cut to its low 16 bits. Cost: twice the table bytes read per lookup (1 KiB instead
+of 512 B for a 256-wide row), one extra vector store per lookup (the shift) and a few vector ops
+per output element; no copy of the table (the AOT compile's memory analysis shows no table-sized
+temporary). Viewing the table as uint32 outside the kernel instead (row pairs or column pairs per
+word) makes XLA relayout the whole table in HBM on every call: 256 / 512 MiB of temporaries for a
+64 MiB table on v5e.
 """
 
 from __future__ import annotations
@@ -23,17 +34,26 @@ from pallas_kernels.ngram_gather.rows import RowSpec
 DEFAULT_BLOCK_TOKENS = 64
 
 
+def unsupported(table: jax.Array) -> str | None:
+    """Why this kernel cannot gather from `table`, or None when it can."""
+    if table.dtype.itemsize == 4:
+        return None
+    if table.dtype == jnp.bfloat16:
+        return None if table.shape[0] % 2 == 0 else "bf16 tables need an even number of rows (row pairs)"
+    return f"{table.dtype} tables are not supported (32-bit and bfloat16 are)"
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "block_tokens", "interpret"))
 def gather(table: jax.Array, keys: jax.Array, spec: RowSpec, *, block_tokens: int = DEFAULT_BLOCK_TOKENS,
            interpret=False) -> jax.Array:
     """table [R, w], keys int32[T, C] -> [T, S, w] table rows."""
     num_tokens, columns = keys.shape
     num_sub, width = spec.num_rows, table.shape[1]
-    if table.dtype.itemsize != 4:
-        raise ValueError(f"the TPU N-gram gather copies single table rows, which Mosaic allows for 32-bit "
-                         f"tables only; got {table.dtype} (use implementation='xla')")
+    if (reason := unsupported(table)) is not None:
+        raise ValueError(f"TPU N-gram gather: {reason}; use implementation='xla'")
     if block_tokens & (block_tokens - 1):
         raise ValueError(f"block_tokens must be a power of two, got {block_tokens}")
+    pack = 4 // table.dtype.itemsize  # rows per 32-bit word: 1 or 2 (bf16)
     # SMEM blocks of keys: 1-D, a power of two and at least 128 words (Mosaic's rule).
     num_keys = 1 << (columns - 1).bit_length()
     bt = max(block_tokens, 128 // num_keys)
@@ -41,7 +61,7 @@ def gather(table: jax.Array, keys: jax.Array, spec: RowSpec, *, block_tokens: in
     padded = num_blocks * bt  # padding keys are zeros: valid rows, output dropped
     flat_keys = jnp.pad(keys.astype(jnp.int32), ((0, padded - num_tokens), (0, num_keys - columns))).reshape(-1)
 
-    def kernel(keys_now, keys_next, table_hbm, out_ref, buffer, sems):
+    def kernel(keys_now, keys_next, table_hbm, out_ref, buffer, shifts, sems):
         i = pl.program_id(0)
         slot = i % 2
 
@@ -57,14 +77,24 @@ def gather(table: jax.Array, keys: jax.Array, spec: RowSpec, *, block_tokens: in
                     return jnp.where(ahead == 0, keys_now[t * num_keys + c], keys_next[t * num_keys + c])
 
                 for s, row in enumerate(spec.rows(key)):
-                    pltpu.make_async_copy(table_hbm.at[pl.ds(row, 1)], buffer.at[to_slot, t, pl.ds(s, 1)],
+                    if pack == 1:
+                        first = row
+                    else:  # the aligned pair holding the row, and where the row sits in its words
+                        first = pl.multiple_of(row & -2, 2)
+                        shifts[to_slot, t, pl.ds(s, 1), :] = jnp.full((1, width), 16 * (row & 1), jnp.int32)
+                    pltpu.make_async_copy(table_hbm.at[pl.ds(first, pack)], buffer.at[to_slot, t, pl.ds(pack * s, pack)],
                                           sems.at[to_slot]).start()
 
         @pl.loop(0, bt * num_sub)
         def _(_):  # every copy of a slot has the same size: wait for them one by one
-            pltpu.make_async_copy(table_hbm.at[pl.ds(0, 1)], buffer.at[slot, 0, pl.ds(0, 1)], sems.at[slot]).wait()
+            pltpu.make_async_copy(table_hbm.at[pl.ds(0, pack)], buffer.at[slot, 0, pl.ds(0, pack)], sems.at[slot]).wait()
 
-        out_ref[...] = buffer[slot]
+        if pack == 1:
+            out_ref[...] = buffer[slot]
+        else:
+            words = pltpu.bitcast(buffer[slot], jnp.uint32)  # [bt, S, w]: one word per column of a row pair
+            bits = (words >> shifts[slot].astype(jnp.uint32)) & 0xFFFF
+            out_ref[...] = jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), table.dtype)
 
     out = pl.pallas_call(
         kernel,
@@ -76,11 +106,13 @@ def gather(table: jax.Array, keys: jax.Array, spec: RowSpec, *, block_tokens: in
             pl.BlockSpec(memory_space=pl.ANY),
         ],
         out_specs=pl.BlockSpec((bt, num_sub, width), lambda i: (i, 0, 0)),
-        scratch_shapes=[pltpu.VMEM((2, bt, num_sub, width), table.dtype), pltpu.SemaphoreType.DMA((2,))],
+        scratch_shapes=[pltpu.VMEM((2, bt, pack * num_sub, width), table.dtype),
+                        pltpu.VMEM((2, bt, num_sub, width) if pack > 1 else (1, 1, 1, 128), jnp.int32),  # row shifts
+                        pltpu.SemaphoreType.DMA((2,))],
         # In order: step i waits for the copies step i - 1 started.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         cost_estimate=pl.CostEstimate(flops=0, transcendentals=0,
-                                      bytes_accessed=2 * padded * num_sub * width * table.itemsize),
+                                      bytes_accessed=(pack + 1) * padded * num_sub * width * table.itemsize),
         interpret=interpret,
     )(flat_keys, flat_keys, table)
     return out[:num_tokens]
