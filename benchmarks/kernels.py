@@ -48,6 +48,23 @@ def copy_bandwidth(num_bytes: int, repeats: int) -> float:
     return 2 * x.nbytes / seconds / 1e9
 
 
+def hashed_table(rows: int, width: int, dtype) -> jax.Array:
+    """A [rows, width] table of values in [-1, 1) from an integer hash of (row, column): one fused
+    elementwise pass. jax.random.normal at 16 GB needs about 120 GB of temporaries (threefry)."""
+
+    @jax.jit
+    def make():
+        row = jax.lax.broadcasted_iota(jnp.uint32, (rows, width), 0)
+        col = jax.lax.broadcasted_iota(jnp.uint32, (rows, width), 1)
+        h = row * jnp.uint32(0x9E3779B1) + col * jnp.uint32(0x85EBCA77)
+        h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+        h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+        h = h ^ (h >> 16)
+        return ((h >> 8).astype(jnp.float32) * (2.0 / (1 << 24)) - 1.0).astype(dtype)
+
+    return make()
+
+
 def ngram_rows(args, backend):
     """(tokens, table_gb): bf16, 12 sub-tables x 256 wide at the released vocabulary, ratio sized to fit."""
     if backend == "interpret":
@@ -60,9 +77,8 @@ def ngram_rows(args, backend):
 
 def bench_ngram(args, backend, rows_out):
     sizes, cfg = ngram_rows(args, backend)
-    dtype = jnp.float32 if backend in ("tpu", "interpret") else jnp.bfloat16  # TPU kernel: 32-bit tables
-    key = jax.random.key(0)
-    table = jax.random.normal(key, (cfg.ngram_total_rows, cfg.ngram_table_width), dtype)
+    dtype = jnp.bfloat16  # the released model's table dtype
+    table = hashed_table(cfg.ngram_total_rows, cfg.ngram_table_width, dtype)
     copy = copy_bandwidth(min(table.nbytes, 2 << 30), args.repeats)
     for tokens, _ in sizes:
         ids = jax.random.randint(jax.random.key(1), (1, tokens), 0, cfg.vocab_size, jnp.int32)
@@ -99,15 +115,22 @@ def bench_matmul(args, backend, rows_out):
         ours = jax.jit(lambda a, b, s: kernel_ragged_matmul(a, b, s, jnp.int32(0), backend, None))
         xla = jax.jit(ragged_matmul_reference)
         dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
-        np.testing.assert_allclose(np.asarray(ours(lhs, rhs, sizes), np.float32),
-                                   np.asarray(xla(lhs, rhs, sizes), np.float32), rtol=5e-2, atol=5e-2)
+        got = np.asarray(ours(lhs, rhs, sizes), np.float32)
+        try:  # XLA may expand ragged_dot densely (g x the work and memory): report a failure, keep going
+            want = np.asarray(xla(lhs, rhs, sizes), np.float32)
+        except Exception as error:
+            print(f"jax.lax.ragged_dot failed at m={m}: {type(error).__name__}: {str(error)[:300]}")
+            want = None
+        if want is not None:
+            np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2)
         t_ours = timed(ours, lhs, rhs, sizes, repeats=args.repeats)
-        t_xla = timed(xla, lhs, rhs, sizes, repeats=args.repeats)
+        t_xla = timed(xla, lhs, rhs, sizes, repeats=args.repeats) if want is not None else float("nan")
         t_dense = timed(dense, lhs, rhs[0], repeats=args.repeats)
         shape = f"m={m} k={k} n={n} g={g} {jnp.dtype(dtype).name}"
-        rate = lambda t: f"{flops / t / 1e12:.2f} TFLOP/s"
+        rate = lambda t: f"{flops / t / 1e12:.2f} TFLOP/s"  # noqa: E731
+        vs_xla = f"{t_xla / t_ours:.2f}x ragged_dot" if want is not None else "ragged_dot failed"
         rows_out.append(("grouped matmul", shape, f"{backend} kernel", t_ours, rate(t_ours),
-                         f"{t_xla / t_ours:.2f}x ragged_dot; {t_dense / t_ours:.0%} of dense"))
+                         f"{vs_xla}; {t_dense / t_ours:.0%} of dense"))
         rows_out.append(("grouped matmul", shape, "jax.lax.ragged_dot", t_xla, rate(t_xla), ""))
         rows_out.append(("grouped matmul", shape, "dense matmul, same FLOPs", t_dense, rate(t_dense), ""))
         mgpu = mosaic_gpu_ragged_dot(lhs, rhs, sizes)
