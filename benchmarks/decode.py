@@ -56,15 +56,16 @@ def compile_loop(model: LongcatModel, batch: int, steps: int, *, plain_embedding
 
     def run_prefill(state, tokens, lengths):
         logits, cache = decode.prefill(nnx.merge(graphdef, state), tokens, lengths, cache_len)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+        return decode.greedy(logits), cache
 
     def run_decode(state, first, cache):
         m = nnx.merge(graphdef, state)
+        layers = decode.unstack_layers(m)
 
         def body(_, carry):
             token, cache = carry
-            logits, cache = decode.decode_step(m, cache, token)
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+            logits, cache = decode.decode_step(m, cache, token, layers)
+            return decode.greedy(logits), cache
 
         return jax.lax.fori_loop(0, steps, body, (first, cache))
 

@@ -66,33 +66,33 @@ class MLAttention(nnx.Module):
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return self.o_proj(out.reshape(*x.shape[:-1], cfg.num_heads * cfg.v_head_dim))
 
-    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_latent: jax.Array, cache_rope: jax.Array,
-               lengths: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """One new token per sequence against the latent cache, with kv_b absorbed (no per-head keys/values).
+    def cache_entries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """[..., D] -> [..., kv_lora + rope]: per token the latent c, then the rotated RoPE key (a decode cache row)."""
+        return jnp.concatenate(self.latents(x, cos, sin), axis=-1)
 
-        x [B, D], cos/sin [B, rope/2]; cache_latent [B, T, kv_lora], cache_rope [B, T, rope] of which
-        the first lengths[b] entries are valid -> (out [B, D], the new token's latent [B, kv_lora] and
-        RoPE key [B, rope], for the caller to append). Scores use q_nope . (W_k c) = (W_k^T q_nope) . c
-        and the output W_v (sum_t p_t c_t), so per step the cache is read once at kv_lora + rope numbers
-        per token instead of expanding H * (nope + v) per token.
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: jax.Array,
+               lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One new token per sequence: appended to the cache, then attended over it with kv_b absorbed.
+
+        x [B, D], cos/sin [B, rope/2]; cache [B, T, kv_lora + rope] (`cache_entries` rows) of which the
+        first lengths[b] are valid -> (out [B, D], the cache with the new token's row at lengths[b]).
+        Scores use q_nope . (W_k c) = (W_k^T q_nope) . c and the output W_v (sum_t p_t c_t), so per step
+        the cache is read at kv_lora + rope numbers per token instead of expanding H * (nope + v) per
+        token; latent and RoPE key share one row, so one product gives both halves of every score.
         """
         cfg = self.cfg
         q_nope, q_rope = self.queries(x, cos, sin)  # [B, H, nope], [B, H, rope]
-        latent, k_rope = self.latents(x, cos, sin)  # [B, C], [B, rope]
-        kv_b = self.kv_b_proj.kernel[...].astype(latent.dtype).reshape(
+        # Written before reading: the new token attends to itself through the cache like any other.
+        cache = cache.at[jnp.arange(x.shape[0]), lengths].set(self.cache_entries(x, cos, sin))
+        kv_b = self.kv_b_proj.kernel[...].astype(cache.dtype).reshape(
             cfg.kv_lora_rank, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
         w_k, w_v = kv_b[..., : cfg.qk_nope_head_dim], kv_b[..., cfg.qk_nope_head_dim:]  # [C, H, nope], [C, H, v]
-        q_latent = jnp.einsum("bhd,chd->bhc", q_nope, w_k)  # [B, H, C]
-        cached = (jnp.einsum("bhc,btc->bht", q_latent, cache_latent, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bhr,btr->bht", q_rope, cache_rope, preferred_element_type=jnp.float32))
-        own = (jnp.einsum("bhc,bc->bh", q_latent, latent, preferred_element_type=jnp.float32)
-               + jnp.einsum("bhr,br->bh", q_rope, k_rope, preferred_element_type=jnp.float32))
-        valid = jnp.arange(cache_latent.shape[1]) < lengths[:, None]  # [B, T]: padding and stale slots excluded
-        scale = softmax_scale(cfg)
-        cached = jnp.where(valid[:, None, :], cached * scale, jnp.finfo(jnp.float32).min)
-        scores = jnp.concatenate([cached, own[..., None] * scale], axis=-1)  # [B, H, T + 1]
-        probs = jax.nn.softmax(scores, axis=-1).astype(latent.dtype)
-        context = (jnp.einsum("bht,btc->bhc", probs[..., :-1], cache_latent)
-                   + probs[..., -1:] * latent[:, None, :])  # [B, H, C]: attention-weighted latent
+        q = jnp.concatenate([jnp.einsum("bhd,chd->bhc", q_nope, w_k), q_rope], axis=-1)  # [B, H, C + rope]
+        scores = jnp.einsum("bhc,btc->bht", q, cache, preferred_element_type=jnp.float32)
+        valid = jnp.arange(cache.shape[1]) <= lengths[:, None]  # [B, T]: padding and stale slots excluded
+        scores = jnp.where(valid[:, None, :], scores * softmax_scale(cfg), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cache.dtype)
+        # Over whole rows, then the latent half kept: slicing the cache first would copy it every step.
+        context = jnp.einsum("bht,btc->bhc", probs, cache)[..., : cfg.kv_lora_rank]  # [B, H, C]: weighted latent
         out = jnp.einsum("bhc,chv->bhv", context, w_v)  # [B, H, v]
-        return self.o_proj(out.reshape(x.shape[0], cfg.num_heads * cfg.v_head_dim)), latent, k_rope
+        return self.o_proj(out.reshape(x.shape[0], cfg.num_heads * cfg.v_head_dim)), cache

@@ -1,9 +1,9 @@
 """Batch decoding: one prefill of the whole batch, then a compiled decode loop over fixed shapes.
 
 The cache holds, per token and per attention block, only what MLA needs (ARCHITECTURE.md section 5):
-the normalised kv latent (kv_lora numbers) and the rotated RoPE key (qk_rope numbers); kv_b is
-absorbed into the query and output side (`MLAttention.decode`). The N-gram embedding keeps the last
-N-1 tokens per sequence (section 8, `lite.ngram.ngram_step`).
+one row of the normalised kv latent (kv_lora numbers) followed by the rotated RoPE key (qk_rope
+numbers); kv_b is absorbed into the query and output side (`MLAttention.decode`). The N-gram
+embedding keeps the last N-1 tokens per sequence (section 8, `lite.ngram.ngram_step`).
 
 Prompts are right-padded: row b holds its prompt in [0, lengths[b]) and the cache slots past
 lengths[b] are never attended to. Prefill gives the padding its own segment, so it reaches neither
@@ -27,7 +27,7 @@ from flax import nnx
 
 from lite.attention import attention_mask
 from lite.config import ModelConfig
-from lite.model import LongcatModel
+from lite.model import LongcatModel, ShortcutLayer
 from lite.ngram import ngram_cache
 from lite.rope import rope_angles
 
@@ -37,8 +37,10 @@ class DecodeError(ValueError):
 
 
 class DecodeCache(NamedTuple):
-    latent: jax.Array  # [num_layers, 2, B, T, kv_lora] normalised, scaled kv latents
-    k_rope: jax.Array  # [num_layers, 2, B, T, qk_rope] rotated RoPE keys
+    # One array per attention block (layer l: 2l and 2l + 1), [B, T, kv_lora + qk_rope] rows of
+    # `MLAttention.cache_entries`. Not one stacked array: the decode step reads and appends to each in
+    # place, where slicing a stacked cache would copy every block's cache every step.
+    kv: tuple[jax.Array, ...]
     lengths: jax.Array  # int32[B]: valid entries per row = position of the next token
     ngram: jax.Array  # int32[B, N-1]: the N-gram cache (width 0 without an N-gram embedding)
 
@@ -56,39 +58,41 @@ def prefill(model: LongcatModel, tokens: jax.Array, lengths: jax.Array,
     graphdef, layer_state = nnx.split(model.layers)
 
     def apply_layer(h, state):
-        h, latent, k_rope = nnx.merge(graphdef, state).prefill(h, cos, sin, mask, token_mask)
-        return h, (latent, k_rope)
+        return nnx.merge(graphdef, state).prefill(h, cos, sin, mask, token_mask)
 
-    h, (latent, k_rope) = jax.lax.scan(apply_layer, model.embed(tokens, segment_ids), layer_state)
+    h, entries = jax.lax.scan(apply_layer, model.embed(tokens, segment_ids), layer_state)  # [L, 2, B, P, .]
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     logits = model.lm_head(model.final_norm(last)).astype(jnp.float32)
-    room = ((0, 0), (0, 0), (0, 0), (0, cache_len - length), (0, 0))  # [L, 2, B, P, .] -> [L, 2, B, T, .]
+    room = ((0, 0), (0, cache_len - length), (0, 0))  # [B, P, .] -> [B, T, .]
+    kv = tuple(jnp.pad(entries[layer, block], room) for layer in range(cfg.num_layers) for block in range(2))
     if cfg.has_ngram:
         ngram = ngram_cache(tokens, cfg, segment_ids, lengths)
     else:
         ngram = jnp.zeros((batch, 0), jnp.int32)
-    return logits, DecodeCache(jnp.pad(latent, room), jnp.pad(k_rope, room), lengths.astype(jnp.int32), ngram)
+    return logits, DecodeCache(kv, lengths.astype(jnp.int32), ngram)
 
 
-def decode_step(model: LongcatModel, cache: DecodeCache, tokens: jax.Array) -> tuple[jax.Array, DecodeCache]:
+def unstack_layers(model: LongcatModel) -> list[ShortcutLayer]:
+    """model.layers as one module per layer. A decode loop makes them once, before it starts: inside
+    it, slicing the stacked weights would copy every layer's weights every step."""
+    graphdef, state = nnx.split(model.layers)
+    return [nnx.merge(graphdef, jax.tree.map(lambda w: w[layer], state)) for layer in range(model.cfg.num_layers)]
+
+
+def decode_step(model: LongcatModel, cache: DecodeCache, tokens: jax.Array,
+                layers: Sequence[ShortcutLayer] | None = None) -> tuple[jax.Array, DecodeCache]:
     """tokens int32[B] at positions cache.lengths -> (float32[B, V] logits for the next token, the
-    cache with them appended). Requires cache.lengths < T."""
+    cache with them appended). Requires cache.lengths < T. layers: `unstack_layers(model)`, made
+    outside a decode loop (default: made here)."""
     cfg = model.cfg
     x, ngram = model.embed.step(tokens, cache.ngram)  # [B, D]
     cos, sin = rope_angles(cache.lengths, cfg)  # [B, rope/2]
-    graphdef, layer_state = nnx.split(model.layers)
-
-    def apply_layer(h, xs):
-        state, latent, k_rope = xs
-        h, latent, k_rope = nnx.merge(graphdef, state).decode(h, cos, sin, latent, k_rope, cache.lengths)
-        return h, (latent, k_rope)
-
-    h, (latent, k_rope) = jax.lax.scan(apply_layer, x, (layer_state, cache.latent, cache.k_rope))
-    logits = model.lm_head(model.final_norm(h)).astype(jnp.float32)
-    rows = jnp.arange(tokens.shape[0])
-    return logits, DecodeCache(cache.latent.at[:, :, rows, cache.lengths].set(latent),  # latent [L, 2, B, C]
-                               cache.k_rope.at[:, :, rows, cache.lengths].set(k_rope),
-                               cache.lengths + 1, ngram)
+    kv = list(cache.kv)
+    # Unrolled rather than scanned, so that each block's cache is read and written in place.
+    for layer, module in enumerate(unstack_layers(model) if layers is None else layers):
+        x, kv[2 * layer: 2 * layer + 2] = module.decode(x, cos, sin, kv[2 * layer: 2 * layer + 2], cache.lengths)
+    logits = model.lm_head(model.final_norm(x)).astype(jnp.float32)
+    return logits, DecodeCache(tuple(kv), cache.lengths + 1, ngram)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,10 +133,19 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+    """float32[B, V] -> int32[B]: the first index of each row's largest logit, as argmax gives. Written as
+    a max and a min because XLA:CPU runs argmax (one reduce over value, index pairs) far slower: 160 vs
+    19 us at [64, 512]. A row without a match (NaN) gets V - 1, still a valid id."""
+    vocab = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab - 1), axis=-1)
+
+
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """float32[B, V] -> int32[B]."""
     if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     filtered = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
@@ -193,8 +206,10 @@ def _continue(model: LongcatModel, gen: Generation, limits: jax.Array, until: ja
     def running(gen):
         return (gen.step < until) & ~jnp.all(gen.done)
 
+    layers = unstack_layers(model)
+
     def one_step(gen):
-        logits, cache = decode_step(model, gen.cache, gen.last)
+        logits, cache = decode_step(model, gen.cache, gen.last, layers)
         # Finished rows keep their length, so their cache never grows past its bucket.
         cache = cache._replace(lengths=jnp.where(gen.done, gen.cache.lengths, cache.lengths))
         sampled = sample(_usable(logits, vocab_limit), jax.random.fold_in(gen.key, gen.step), sampling)

@@ -64,26 +64,22 @@ class ShortcutLayer(nnx.Module):
         return out, (counts, dropped), (kept0, kept1)
 
     def prefill(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                token_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The full forward that also returns each block's cache entries:
-        x [B, L, D] -> (out [B, L, D], latents [2, B, L, kv_lora], RoPE keys [2, B, L, rope])."""
-        def attend(i, y):  # latents() repeats work inside attention; XLA's CSE merges the two
-            return self.attns[i](y, cos, sin, mask), self.attns[i].latents(y, cos, sin)
+                token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The full forward that also returns each block's decode cache rows:
+        x [B, L, D] -> (out [B, L, D], [2, B, L, kv_lora + rope] `MLAttention.cache_entries`)."""
+        def attend(i, y):  # cache_entries() repeats work inside attention; XLA's CSE merges the two
+            return self.attns[i](y, cos, sin, mask), self.attns[i].cache_entries(y, cos, sin)
 
         out, _, kept = self.wire(x, attend, token_mask)
-        return out, jnp.stack([kept[0][0], kept[1][0]]), jnp.stack([kept[0][1], kept[1][1]])
+        return out, jnp.stack(kept)
 
-    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_latent: jax.Array, cache_rope: jax.Array,
-               lengths: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """One token per sequence: x [B, D], cos/sin [B, rope/2], this layer's cache
-        cache_latent [2, B, T, kv_lora], cache_rope [2, B, T, rope] (first lengths[b] entries valid)
-        -> (out [B, D], the new token's latents [2, B, kv_lora] and RoPE keys [2, B, rope])."""
-        def attend(i, y):
-            out, latent, k_rope = self.attns[i].decode(y, cos, sin, cache_latent[i], cache_rope[i], lengths)
-            return out, (latent, k_rope)
-
-        out, _, kept = self.wire(x, attend, jnp.ones(x.shape[:-1], bool))
-        return out, jnp.stack([kept[0][0], kept[1][0]]), jnp.stack([kept[0][1], kept[1][1]])
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, caches: tuple[jax.Array, jax.Array],
+               lengths: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One token per sequence: x [B, D], cos/sin [B, rope/2], the two blocks' caches [B, T, kv_lora + rope]
+        (first lengths[b] rows valid) -> (out [B, D], the caches with the new token's rows appended)."""
+        out, _, caches = self.wire(x, lambda i, y: self.attns[i].decode(y, cos, sin, caches[i], lengths),
+                                   jnp.ones(x.shape[:-1], bool))
+        return out, caches
 
 
 class ModelOutput(NamedTuple):

@@ -63,6 +63,25 @@ def routed_experts(x: jax.Array, chosen: jax.Array, weights: jax.Array, w_gate: 
     return out[unsort].reshape(num_tokens, top_k, -1).sum(axis=1)
 
 
+def dense_experts(x: jax.Array, chosen: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                  w_down: jax.Array) -> jax.Array:
+    """`routed_experts` for a handful of tokens: every FFN expert runs on every token, weighted 0 where
+    not chosen, as three plain matmuls with the experts side by side. All E experts' FLOPs per token
+    instead of the chosen ones', but none of the routed form's sorting, gathers, scatters and tiles."""
+    num_ffn, d, i = w_gate.shape
+    # [T, E] routing weight per FFN expert; zero experts (ids >= E) match no column.
+    per_expert = jnp.sum(jnp.where(chosen[..., None] == jnp.arange(num_ffn), weights[..., None], 0.0), axis=1)
+    gate = x @ w_gate.transpose(1, 0, 2).reshape(d, num_ffn * i)  # [T, E * I]
+    up = x @ w_up.transpose(1, 0, 2).reshape(d, num_ffn * i)
+    hidden = (jax.nn.silu(gate) * up).reshape(-1, num_ffn, i) * per_expert[..., None].astype(x.dtype)
+    return jnp.dot(hidden.reshape(-1, num_ffn * i), w_down.reshape(num_ffn * i, d), preferred_element_type=jnp.float32)
+
+
+# Up to this many tokens (decoding) `dense_experts` is faster than `routed_experts`; measured on CPU:
+# tiny 41 vs 107 us at 64 tokens, demo 2.3 vs 5.9 ms, both break even at a few hundred tokens.
+DENSE_EXPERTS_MAX_TOKENS = 128
+
+
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -97,7 +116,8 @@ class MoE(nnx.Module):
         dtype = cfg.jnp_compute_dtype
         w = (self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype), self.w_down[...].astype(dtype))
         if expert_fn is None:
-            ffn, dropped = routed_experts(u, chosen, weights, *w), jnp.zeros((), jnp.float32)
+            experts = dense_experts if u.shape[0] <= DENSE_EXPERTS_MAX_TOKENS else routed_experts
+            ffn, dropped = experts(u, chosen, weights, *w), jnp.zeros((), jnp.float32)
         else:
             ffn, dropped = expert_fn(u, chosen, weights, token_mask, *w)
         zero_weight = jnp.sum(jnp.where(chosen >= cfg.n_routed_experts, weights, 0.0), axis=-1)  # [T]

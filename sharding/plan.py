@@ -111,10 +111,9 @@ def compile_decode_step(cfg, settings, mesh, batch: int, cache_len: int):
     def sds(shape, dtype, spec):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
-    layers = cfg.num_layers
+    row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     cache = DecodeCache(
-        latent=sds((layers, 2, batch, cache_len, cfg.kv_lora_rank), dtype, P(None, None, b)),
-        k_rope=sds((layers, 2, batch, cache_len, cfg.qk_rope_head_dim), dtype, P(None, None, b)),
+        kv=tuple(sds((batch, cache_len, row), dtype, P(b)) for _ in range(2 * cfg.num_layers)),
         lengths=sds((batch,), jnp.int32, P(b)),
         ngram=sds((batch, max(cfg.ngram_n - 1, 0)), jnp.int32, P(b)))
     tokens = sds((batch,), jnp.int32, P(b))

@@ -70,8 +70,8 @@ def test_cached_logits_equal_full_recompute_at_every_step():
     step = jax.jit(lambda cache, t: decode.decode_step(nnx.merge(graphdef, state), cache, t))
 
     logits, cache = prefill(jnp.asarray(tokens), lengths)
-    assert cache.latent.shape == (CFG.num_layers, 2, 3, 40, CFG.kv_lora_rank)  # only latent + rope key
-    assert cache.k_rope.shape == (CFG.num_layers, 2, 3, 40, CFG.qk_rope_head_dim)
+    # Only the latent and the RoPE key, per attention block.
+    assert [a.shape for a in cache.kv] == [(3, 40, CFG.kv_lora_rank + CFG.qk_rope_head_dim)] * (2 * CFG.num_layers)
     rows = [list(p) for p in prompts]
     for s in range(fed.shape[1] + 1):
         want = np.stack(reference_logits(forward, rows))
