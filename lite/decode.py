@@ -15,8 +15,8 @@ same bucket never recompile. `prefill` and `decode_step` are pure functions of (
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
+import math
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -27,7 +27,7 @@ from flax import nnx
 
 from lite.attention import attention_mask
 from lite.config import ModelConfig
-from lite.model import LongcatModel, ShortcutLayer
+from lite.model import LongcatModel, ShortcutLayer, positions_from_segments
 from lite.ngram import ngram_cache
 from lite.rope import rope_angles
 
@@ -45,31 +45,66 @@ class DecodeCache(NamedTuple):
     ngram: jax.Array  # int32[B, N-1]: the N-gram cache (width 0 without an N-gram embedding)
 
 
-def prefill(model: LongcatModel, tokens: jax.Array, lengths: jax.Array,
-            cache_len: int) -> tuple[jax.Array, DecodeCache]:
-    """tokens int32[B, P] right-padded to lengths int32[B] (>= 1) -> (float32[B, V] logits for the
-    token after each prompt, the cache with room for cache_len >= P tokens)."""
+class PackedPrompts(NamedTuple):
+    """A batch of prompts packed into rows: prompt b is tokens[row[b], start[b]: start[b] + lengths[b]].
+    Built on the host by `pack_prompts`."""
+
+    tokens: jax.Array  # int32[R, W]
+    segment_ids: jax.Array  # int32[R, W]: b + 1 where prompt b lies, 0 on padding
+    row: jax.Array  # int32[B]
+    start: jax.Array  # int32[B]
+    lengths: jax.Array  # int32[B], each >= 1
+
+
+def pack_prompts(prompts: Sequence[Sequence[int]], width: int, row_multiple: int = 8) -> PackedPrompts:
+    """NumPy: prompts of at most `width` tokens packed first-fit decreasing into rows of `width`, so that
+    prefill computes padding only at the ends of rows (prompts of 16..64 tokens: 40 rows of 64 instead of 64).
+    The row count is rounded up to a multiple of row_multiple (fewer compiled shapes), but never past
+    len(prompts), one row each."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    row, start = np.zeros(len(prompts), np.int32), np.zeros(len(prompts), np.int32)
+    used: list[int] = []  # tokens per row so far
+    for b in np.argsort(-lengths, kind="stable"):
+        row[b] = next((r for r, n in enumerate(used) if n + lengths[b] <= width), len(used))
+        if row[b] == len(used):
+            used.append(0)
+        start[b], used[row[b]] = used[row[b]], used[row[b]] + lengths[b]
+    num_rows = min(-(-len(used) // row_multiple) * row_multiple, len(prompts))
+    tokens, segment_ids = np.zeros((num_rows, width), np.int32), np.zeros((num_rows, width), np.int32)
+    for b, prompt in enumerate(prompts):
+        tokens[row[b], start[b]: start[b] + lengths[b]] = prompt
+        segment_ids[row[b], start[b]: start[b] + lengths[b]] = b + 1
+    return PackedPrompts(tokens, segment_ids, row, start, lengths)
+
+
+def prefill(model: LongcatModel, prompts: PackedPrompts, cache_len: int) -> tuple[jax.Array, DecodeCache]:
+    """-> (float32[B, V] logits for the token after each prompt, the cache with room for cache_len >= W
+    tokens per prompt). Each prompt is its own segment: attention, positions and the N-gram hash never
+    cross into its neighbours or the padding."""
     cfg = model.cfg
-    batch, length = tokens.shape
-    segment_ids = (jnp.arange(length) < lengths[:, None]).astype(jnp.int32)  # 1 prompt, 0 padding
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
-    cos, sin = rope_angles(positions, cfg)
+    tokens, segment_ids, lengths = prompts.tokens, prompts.segment_ids, prompts.lengths.astype(jnp.int32)
+    width = tokens.shape[1]
+    cos, sin = rope_angles(positions_from_segments(segment_ids), cfg)
     mask, token_mask = attention_mask(segment_ids), segment_ids > 0
     graphdef, layer_state = nnx.split(model.layers)
 
     def apply_layer(h, state):
         return nnx.merge(graphdef, state).prefill(h, cos, sin, mask, token_mask)
 
-    h, entries = jax.lax.scan(apply_layer, model.embed(tokens, segment_ids), layer_state)  # [L, 2, B, P, .]
-    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-    logits = model.lm_head(model.final_norm(last)).astype(jnp.float32)
-    room = ((0, 0), (0, cache_len - length), (0, 0))  # [B, P, .] -> [B, T, .]
-    kv = tuple(jnp.pad(entries[layer, block], room) for layer in range(cfg.num_layers) for block in range(2))
+    h, entries = jax.lax.scan(apply_layer, model.embed(tokens, segment_ids), layer_state)  # [L, 2, R, W, .]
+    logits = model.lm_head(model.final_norm(h[prompts.row, prompts.start + lengths - 1])).astype(jnp.float32)
+    # Unpacked, [B, W] right-padded (past a prompt's end: its neighbours' entries, never attended to).
+    columns = jnp.minimum(prompts.start[:, None] + jnp.arange(width), width - 1)
+    unpack = prompts.row[:, None] * width + columns  # indices into the R * W packed tokens
+    room = ((0, 0), (0, cache_len - width), (0, 0))  # [B, W, .] -> [B, T, .]
+    kv = tuple(jnp.pad(entries[layer, block].reshape(-1, entries.shape[-1])[unpack], room)
+               for layer in range(cfg.num_layers) for block in range(2))
     if cfg.has_ngram:
-        ngram = ngram_cache(tokens, cfg, segment_ids, lengths)
+        own_segment = (jnp.arange(width) < lengths[:, None]).astype(jnp.int32)
+        ngram = ngram_cache(tokens.reshape(-1)[unpack], cfg, own_segment, lengths)
     else:
-        ngram = jnp.zeros((batch, 0), jnp.int32)
-    return logits, DecodeCache(kv, lengths.astype(jnp.int32), ngram)
+        ngram = jnp.zeros((lengths.shape[0], 0), jnp.int32)
+    return logits, DecodeCache(kv, lengths, ngram)
 
 
 def unstack_layers(model: LongcatModel) -> list[ShortcutLayer]:
@@ -188,12 +223,12 @@ def _usable(logits: jax.Array, vocab_limit: int | None) -> jax.Array:
     return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
 
 
-def _start(model: LongcatModel, tokens: jax.Array, lengths: jax.Array, limits: jax.Array, key: jax.Array, *,
+def _start(model: LongcatModel, prompts: PackedPrompts, limits: jax.Array, key: jax.Array, *,
            cache_len: int, max_new: int, sampling: Sampling, vocab_limit: int | None) -> Generation:
     """Prefill and sample the first token."""
-    logits, cache = prefill(model, tokens, lengths, cache_len)
+    logits, cache = prefill(model, prompts, cache_len)
     logits = _usable(logits, vocab_limit)
-    batch = tokens.shape[0]
+    batch = prompts.lengths.shape[0]
     gen = Generation(cache, jnp.full((batch, max_new), -1, jnp.int32), jnp.zeros((batch,), jnp.int32),
                      jnp.zeros((batch,), jnp.int32), limits <= 0, jnp.zeros((batch,), jnp.int32),
                      jnp.zeros((), jnp.int32), key)
@@ -303,24 +338,22 @@ class Generator:
         n = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         limits = np.minimum(max_new_tokens, cfg.max_position_embeddings - lengths)
-        # On a mesh every device holds a slice of the batch: at least one row each.
-        batch, prompt_len = bucket(n, 1 if self.mesh is None else self.mesh.size), bucket(int(lengths.max()), 16)
+        # On a mesh every device holds a slice of the batch (and of the packed rows): at least one row each.
+        devices = 1 if self.mesh is None else self.mesh.size
+        batch, prompt_len = bucket(n, devices), bucket(int(lengths.max()), 16)
         max_new = bucket(max_new_tokens, 16)
         cache_len = bucket(int((lengths + limits).max()), 16)
-        tokens = np.zeros((batch, prompt_len), np.int32)
-        tokens[n:, 0] = cfg.bos_token_id  # filler rows: one token, no room to generate
-        for i, prompt in enumerate(prompts):
-            tokens[i, : len(prompt)] = prompt
-        lengths = np.concatenate([lengths, np.ones(batch - n, np.int32)])
+        filler = [[cfg.bos_token_id]] * (batch - n)  # one token, no room to generate
+        packed = pack_prompts([*prompts, *filler], prompt_len, math.lcm(8, devices))
         limits = jnp.asarray(np.concatenate([limits, np.zeros(batch - n, limits.dtype)]).astype(np.int32))
-        args = (jnp.asarray(tokens), jnp.asarray(lengths), limits, jax.random.key(seed))
+        args = (PackedPrompts(*map(jnp.asarray, packed)), limits, jax.random.key(seed))
 
         start = self._compiled("start", self._start, *args, stats=stats, cache_len=cache_len, max_new=max_new,
                                sampling=sampling)
         began = time.perf_counter()
         gen = jax.block_until_ready(start(self.state, *args))
         stats.prefill_seconds = time.perf_counter() - began
-        stats.prefill_tokens = int(lengths[:n].sum())
+        stats.prefill_tokens = int(lengths.sum())
 
         step_size = chunk if stop_strings else max_new
         stopped_at: dict[int, tuple[int, str]] = {}  # row -> (tokens kept, text) where a stop string ended it

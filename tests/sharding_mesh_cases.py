@@ -82,12 +82,12 @@ def test_loss_and_every_gradient_match_single_device(spec):
 
 def test_decode_step_on_mesh_matches_single_device():
     rng = np.random.default_rng(1)
-    prompts = jnp.asarray(rng.integers(3, CFG.vocab_size, (8, 6)), jnp.int32)
-    lengths = jnp.asarray([6, 3, 5, 1, 6, 2, 4, 6], jnp.int32)
+    prompts = [rng.integers(3, CFG.vocab_size, n).tolist() for n in (6, 3, 5, 1, 6, 2, 4, 6)]
+    packed = decode.PackedPrompts(*map(jnp.asarray, decode.pack_prompts(prompts, 6)))
     new_tokens = jnp.asarray(rng.integers(3, CFG.vocab_size, (8,)), jnp.int32).at[0].set(CFG.eos_token_id)
 
     def prefill_and_step(model):
-        _, cache = decode.prefill(model, prompts, lengths, cache_len=8)
+        _, cache = decode.prefill(model, packed, cache_len=8)
         return decode.decode_step(model, cache, new_tokens)
 
     model = LongcatModel(CFG, rngs=nnx.Rngs(0))

@@ -60,16 +60,15 @@ def test_cached_logits_equal_full_recompute_at_every_step():
     # Fed tokens (teacher forcing), with an EOS in row 0 so the N-gram cache must restart mid-decode.
     fed = rng.integers(3, 512, (3, 8)).astype(np.int32)
     fed[0, 3] = EOS
-    width = 24
-    tokens = rng.integers(3, 512, (3, width)).astype(np.int32)  # padding holds junk, not zeros
-    for b, prompt in enumerate(prompts):
-        tokens[b, : len(prompt)] = prompt
-    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    packed = decode.pack_prompts(prompts, 24, row_multiple=1)
+    assert packed.tokens.shape == (2, 24) and set(packed.row) == {0, 1}  # two prompts share a row
+    padding = packed.segment_ids == 0
+    packed.tokens[padding] = rng.integers(3, 512, padding.sum())  # padding holds junk, not zeros
     graphdef, state = nnx.split(model)
-    prefill = jax.jit(lambda t, n: decode.prefill(nnx.merge(graphdef, state), t, n, 40))
+    prefill = jax.jit(lambda p: decode.prefill(nnx.merge(graphdef, state), p, 40))
     step = jax.jit(lambda cache, t: decode.decode_step(nnx.merge(graphdef, state), cache, t))
 
-    logits, cache = prefill(jnp.asarray(tokens), lengths)
+    logits, cache = prefill(decode.PackedPrompts(*map(jnp.asarray, packed)))
     # Only the latent and the RoPE key, per attention block.
     assert [a.shape for a in cache.kv] == [(3, 40, CFG.kv_lora_rank + CFG.qk_rope_head_dim)] * (2 * CFG.num_layers)
     rows = [list(p) for p in prompts]
