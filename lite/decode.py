@@ -62,6 +62,9 @@ def pack_prompts(prompts: Sequence[Sequence[int]], width: int, row_multiple: int
     The row count is rounded up to a multiple of row_multiple (fewer compiled shapes), but never past
     len(prompts), one row each."""
     lengths = np.array([len(p) for p in prompts], np.int32)
+    if not 1 <= lengths.min() <= lengths.max() <= width:
+        raise DecodeError(f"prompts must have 1..{width} tokens to be packed into rows of {width}, "
+                          f"got {lengths.min()}..{lengths.max()}")
     row, start = np.zeros(len(prompts), np.int32), np.zeros(len(prompts), np.int32)
     used: list[int] = []  # tokens per row so far
     for b in np.argsort(-lengths, kind="stable"):
