@@ -5,11 +5,13 @@ one row of the normalised kv latent (kv_lora numbers) followed by the rotated Ro
 numbers); kv_b is absorbed into the query and output side (`MLAttention.decode`). The N-gram
 embedding keeps the last N-1 tokens per sequence (section 8, `lite.ngram.ngram_step`).
 
-Prompts are right-padded: row b holds its prompt in [0, lengths[b]) and the cache slots past
-lengths[b] are never attended to. Prefill gives the padding its own segment, so it reaches neither
-attention nor the N-gram hash. Shapes are bucketed (batch, prompt length, cache length and the
-new-token buffer rounded up to powers of two) and every compiled program is kept, so batches of the
-same bucket never recompile. `prefill` and `decode_step` are pure functions of (model, cache, tokens).
+Prefill packs the prompts into rows (`pack_prompts`), each prompt its own segment, so that it
+computes no padding between them and nothing crosses from one prompt to another (attention, positions,
+the N-gram hash). The cache is per prompt: row b holds its prompt in [0, lengths[b]) and the slots
+past lengths[b] are never attended to. Shapes are bucketed (batch, prompt length, cache length and
+the new-token buffer rounded up to powers of two, packed rows to a multiple of 8) and every compiled
+program is kept, so batches of the same bucket never recompile. `prefill` and `decode_step` are pure
+functions of (model, cache, tokens).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class PackedPrompts(NamedTuple):
 
 def pack_prompts(prompts: Sequence[Sequence[int]], width: int, row_multiple: int = 8) -> PackedPrompts:
     """NumPy: prompts of at most `width` tokens packed first-fit decreasing into rows of `width`, so that
-    prefill computes padding only at the ends of rows (prompts of 16..64 tokens: 40 rows of 64 instead of 64).
+    prefill computes padding only at the ends of rows (64 prompts of 16..64 tokens: 46 rows of 64).
     The row count is rounded up to a multiple of row_multiple (fewer compiled shapes), but never past
     len(prompts), one row each."""
     lengths = np.array([len(p) for p in prompts], np.int32)
