@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from lite.config import get_config
-from lite.moe import MoE, ffn_experts_per_token, router_bias_update, routed_experts, target_expert_shares
+from lite.moe import (DENSE_EXPERTS_MAX_TOKENS, MoE, ffn_experts_per_token, router_bias_update, routed_experts,
+                      target_expert_shares)
 
 CFG = get_config("tiny", routed_scaling_factor=2.5, moe_topk=3, n_routed_experts=4, zero_expert_num=3,
                  target_ffn_experts_per_token=1.5)
@@ -43,9 +44,11 @@ def make_moe(seed=0):
     return moe
 
 
-def test_moe_matches_numpy_with_bias_changing_routing():
+# Few tokens run every expert densely (decoding), more run the grouped (routed) form: both checked.
+@pytest.mark.parametrize("num_tokens", [24, DENSE_EXPERTS_MAX_TOKENS + 40])
+def test_moe_matches_numpy_with_bias_changing_routing(num_tokens):
     moe = make_moe()
-    u = np.random.default_rng(0).normal(size=(24, CFG.hidden_size)).astype(np.float32)
+    u = np.random.default_rng(0).normal(size=(num_tokens, CFG.hidden_size)).astype(np.float32)
     got, counts = moe(jnp.asarray(u))
     want, chosen = numpy_moe(moe, u.astype(np.float64), CFG)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
@@ -54,7 +57,7 @@ def test_moe_matches_numpy_with_bias_changing_routing():
     np.testing.assert_array_equal(np.asarray(counts), np.bincount(np.concatenate(chosen), minlength=CFG.num_experts))
     # The bias really changed some decisions, and zero experts were really chosen.
     unbiased = np.argsort(-np.asarray(jax.nn.softmax(jnp.asarray(u) @ moe.router.classifier[...])), axis=1)
-    assert any(sorted(unbiased[t, :3]) != chosen[t] for t in range(24))
+    assert any(sorted(unbiased[t, :3]) != chosen[t] for t in range(num_tokens))
     assert np.asarray(got_chosen).max() >= CFG.n_routed_experts
 
 
