@@ -31,7 +31,7 @@ from lite.checkpoint import CheckpointError, config_from_dict, config_to_dict, s
 from lite.config import ConfigError, ModelConfig, get_config
 from lite.data import (DataError, FrozenIteratorState, encode_documents, kjv_corpus, load_corpus, load_tokenizer,
                        packed_rows, training_batches, unigram_entropy, validation_rows_for_process)
-from lite.model import LongcatModel
+from lite.decode import Generator, Sampling
 from sharding import mesh as sharding_mesh
 from lite.training import (TrainConfig, TrainState, expert_load_metrics, flops_per_token, init_state,
                            make_eval_step, make_train_step, parse_overrides, peak_flops)
@@ -125,40 +125,6 @@ def write_plots(run_dir: pathlib.Path, rows: list[dict], entropy: float, cfg: Mo
     fig.tight_layout()
     fig.savefig(run_dir / "expert_load.png", dpi=110)
     plt.close(fig)
-
-
-def sample_continuations(model: LongcatModel, tokenizer, prompts: list[str], new_tokens: int,
-                         seed: int) -> list[str]:
-    """Top-k (40) sampling at temperature 0.8, recomputing the full prefix at one fixed shape."""
-    cfg = model.cfg
-    ids = [[cfg.bos_token_id] + tokenizer.encode(p) for p in prompts]
-    length = -(-(max(map(len, ids)) + new_tokens) // 16) * 16
-    tokens = np.zeros((len(ids), length), np.int32)
-    for row, prompt in enumerate(ids):
-        tokens[row, : len(prompt)] = prompt
-    lengths = np.array([len(p) for p in ids])
-    pieces = tokenizer.get_piece_size()
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def next_token(state, tokens, lengths, key):
-        segment_ids = (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.int32)
-        logits = nnx.merge(graphdef, state)(tokens, segment_ids).logits
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-        last = jnp.where(jnp.arange(last.shape[-1]) < pieces, last, -jnp.inf)  # ids the tokenizer knows
-        top, top_ids = jax.lax.top_k(last / 0.8, 40)
-        return jnp.take_along_axis(top_ids, jax.random.categorical(key, top)[:, None], axis=1)[:, 0]
-
-    done = np.zeros(len(ids), bool)
-    key = jax.random.key(seed)
-    for _ in range(new_tokens):
-        key, sub = jax.random.split(key)
-        new = np.asarray(next_token(state, tokens, lengths, sub))
-        for row in np.flatnonzero(~done):
-            tokens[row, lengths[row]] = new[row]
-            lengths[row] += 1
-            done[row] = new[row] == cfg.eos_token_id
-    return [tokenizer.decode(tokens[row, 1: lengths[row]].tolist()) for row in range(len(ids))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,9 +426,14 @@ def train(args: argparse.Namespace) -> None:
         f"{time.time() - start_time:.0f} s")
     if tcfg.sample_tokens and primary:
         prompts = list(KJV_PROMPTS) if run["data"] == "kjv" else [" ".join(d.split()[:4]) for d in corpus.validation[:3]]
-        model = nnx.merge(graphdef, state.params, state.other)
-        for prompt, text in zip(prompts, sample_continuations(model, tokenizer, prompts, tcfg.sample_tokens, tcfg.seed)):
-            say(f"> {text}")
+        # serve.py's decoder; top-k 40 at temperature 0.8, and only ids the tokenizer can decode.
+        generator = Generator(nnx.merge(graphdef, state.params, state.other), vocab_limit=tokenizer.get_piece_size(),
+                              mesh=mesh if mesh.size > 1 else None)
+        prompt_ids = [[cfg.bos_token_id] + tokenizer.encode(prompt) for prompt in prompts]
+        completions, _ = generator.generate(prompt_ids, tcfg.sample_tokens, Sampling(temperature=0.8, top_k=40),
+                                            seed=tcfg.seed)
+        for ids, completion in zip(prompt_ids, completions):
+            say(f"> {tokenizer.decode(ids[1:] + completion.token_ids)}")
 
 
 def sync_tokenizer(path: pathlib.Path) -> None:
