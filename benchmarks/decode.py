@@ -41,10 +41,12 @@ def plain_embedding_step(self: NgramEmbedding, new_tokens: jax.Array, cache: jax
     return jnp.take(self.token_table[...], new_tokens, axis=0).astype(self.cfg.jnp_compute_dtype), cache
 
 
-def prompts_for(batch: int, cfg, seed: int = 0) -> list[list[int]]:
-    """Random prompts of 16..64 tokens, each starting with BOS."""
+def prompts_for(batch: int, cfg, seed: int = 0) -> tuple[list[list[int]], decode.PackedPrompts]:
+    """Random prompts of 16..64 tokens, each starting with BOS, and the same packed into rows of 64
+    as serve.py packs them."""
     rng = np.random.default_rng(seed)
-    return [[cfg.bos_token_id] + rng.integers(3, cfg.vocab_size, n - 1).tolist() for n in rng.integers(16, 65, batch)]
+    prompts = [[cfg.bos_token_id] + rng.integers(3, cfg.vocab_size, n - 1).tolist() for n in rng.integers(16, 65, batch)]
+    return prompts, decode.PackedPrompts(*map(jnp.asarray, decode.pack_prompts(prompts, 64)))
 
 
 def compile_loop(model: LongcatModel, prompts: decode.PackedPrompts, steps: int, *, plain_embedding: bool = False):
@@ -102,8 +104,7 @@ def decode_table(preset: str, batches: list[int], steps: int, repeats: int) -> N
     print(f"\n{preset}: decode on {jax.devices()[0].platform}, {steps} greedy steps after prompts of 16..64 tokens")
     print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'plain-embedding tok/s':>22} {'N-gram share':>13}")
     for batch in batches:
-        prompts = prompts_for(batch, cfg)
-        packed = decode.PackedPrompts(*map(jnp.asarray, decode.pack_prompts(prompts, 64)))
+        prompts, packed = prompts_for(batch, cfg)
         programs = [compile_loop(model, packed, steps), compile_loop(model, packed, steps, plain_embedding=True)]
         (prefill_s, decode_s), (_, plain_s) = best_times(programs, packed, repeats)
         print(f"{batch:>5} {sum(map(len, prompts)) / prefill_s:>14,.0f} {batch * steps / decode_s:>13,.0f} "
@@ -133,8 +134,7 @@ def reference_table(batches: list[int], steps: int, repeats: int) -> None:
     print(f"\ntiny: {steps} new tokens per prompt (prefill included), prompts of 16..64 tokens, CPU")
     print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>7}")
     for batch in batches:
-        prompts = prompts_for(batch, cfg)
-        packed = decode.PackedPrompts(*map(jnp.asarray, decode.pack_prompts(prompts, 64)))
+        prompts, packed = prompts_for(batch, cfg)
         program = compile_loop(model, packed, steps - 1)
         left = torch.zeros((batch, max(map(len, prompts))), dtype=torch.int64)  # transformers pads on the left
         mask = torch.zeros_like(left)
