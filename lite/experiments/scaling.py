@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -31,7 +32,7 @@ import time
 import numpy as np
 
 from lite.config import ModelConfig, get_config
-from lite.params import count_params
+from lite.params import ParamCounts, count_params
 
 # The base MoE: the demo preset at half the width. Zero experts are off so that activated
 # parameters stay constant; the N-gram points use sqrt(D) amplification, the paper's advice
@@ -51,13 +52,18 @@ class SweepPoint:
     ngram_ratio: int  # the r that sizes this point (0 for the base)
     config: ModelConfig
 
+    @functools.cached_property
+    def counts(self) -> ParamCounts:
+        """Counted once per point: each count traces the whole model (abstract shapes)."""
+        return count_params(self.config)
+
     @property
     def total_params(self) -> int:
-        return count_params(self.config).total
+        return self.counts.total
 
     @property
     def activated_params(self) -> float:
-        return count_params(self.config).activated(self.config.target_ffn_experts_per_token)
+        return self.counts.activated(self.config.target_ffn_experts_per_token)
 
 
 def sweep_points(base: ModelConfig, ngram_ratios: list[int]) -> list[SweepPoint]:
@@ -65,13 +71,14 @@ def sweep_points(base: ModelConfig, ngram_ratios: list[int]) -> list[SweepPoint]
     if base.has_ngram or base.zero_expert_num:
         raise ValueError("the sweep's base must have no N-gram table and no zero experts "
                          f"(got ngram_n={base.ngram_n}, zero_expert_num={base.zero_expert_num})")
-    per_expert = count_params(base).per_expert * base.num_layers  # one more expert, all layers
-    points = [SweepPoint(f"base E={base.n_routed_experts}", "base", 0, base)]
+    base_point = SweepPoint(f"base E={base.n_routed_experts}", "base", 0, base)
+    per_expert = base_point.counts.per_expert * base.num_layers  # one more expert, all layers
+    points = [base_point]
     for r in ngram_ratios:
-        ngram = base.replace(**NGRAM_SHAPE, ngram_vocab_ratio=r)
-        added = count_params(ngram).total - count_params(base).total
+        ngram = SweepPoint(f"ngram r={r}", "ngram", r, base.replace(**NGRAM_SHAPE, ngram_vocab_ratio=r))
+        added = ngram.total_params - base_point.total_params
         experts = base.replace(n_routed_experts=base.n_routed_experts + max(round(added / per_expert), 1))
-        points += [SweepPoint(f"experts r={r}", "experts", r, experts), SweepPoint(f"ngram r={r}", "ngram", r, ngram)]
+        points += [SweepPoint(f"experts r={r}", "experts", r, experts), ngram]
     return points
 
 
@@ -137,7 +144,7 @@ def summarize(points: list[SweepPoint], runs: list[dict]) -> list[dict]:
                    experts=point.config.n_routed_experts, total=point.total_params,
                    activated=point.activated_params, seeds=sorted(r["seed"] for r in done))
         row["ratio"] = row["total"] / row["activated"]
-        row["ngram_share"] = count_params(point.config).by_component.get("N-gram tables", 0) / row["total"]
+        row["ngram_share"] = point.counts.by_component.get("N-gram tables", 0) / row["total"]
         for key in ("val_loss", "train_loss"):
             values = [r[key] for r in done]
             row[key] = (float(np.mean(values)), min(values), max(values)) if values else None
