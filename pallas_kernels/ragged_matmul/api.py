@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import backend as backends
+from pallas_kernels import interpret
 from pallas_kernels.backend import IMPLEMENTATIONS
 from pallas_kernels.ragged_matmul import gpu, tpu
 from pallas_kernels.ragged_matmul.reference import ragged_matmul_reference
@@ -45,15 +46,25 @@ def ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, gro
     return kernel_ragged_matmul(lhs, rhs, group_sizes.astype(jnp.int32), offset, choice, None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def kernel_ragged_matmul(lhs, rhs, group_sizes, group_offset, backend: str, tiling):
     """The Pallas kernel of `backend` ("tpu", "gpu", "interpret"; "gpu-interpret" for tests), with its VJP:
-    d lhs = the same kernel with rhs transposed, d rhs = the grouped transposed matmul."""
+    d lhs = the same kernel with rhs transposed, d rhs = the grouped transposed matmul.
+
+    Inside a shard_map the operands get one varying type first (backend.same_varying_axes), so the
+    VJP's d rhs of replicated weights comes back psum-ed over the token shards by JAX's transpose.
+    """
+    return _kernel_ragged_matmul(*backends.same_varying_axes(lhs, rhs, group_sizes, group_offset), backend, tiling)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _kernel_ragged_matmul(lhs, rhs, group_sizes, group_offset, backend: str, tiling):
     gmm, _, kwargs = _kernels(backend)
     return gmm(lhs, rhs, group_sizes, group_offset, tiling=tiling, **kwargs)
 
 
 def _kernels(backend: str):
+    if backend != "tpu" and backend != "gpu":
+        interpret.enable()
     kernels = {"tpu": (tpu, {}), "gpu": (gpu, {}), "interpret": (tpu, {"interpret": True}),
                "gpu-interpret": (gpu, {"interpret": True})}
     if backend not in kernels:  # also any InterpretParams: the TPU kernels under the TPU simulator
@@ -63,7 +74,7 @@ def _kernels(backend: str):
 
 
 def _forward(lhs, rhs, group_sizes, group_offset, backend, tiling):
-    out = kernel_ragged_matmul(lhs, rhs, group_sizes, group_offset, backend, tiling)
+    out = _kernel_ragged_matmul(lhs, rhs, group_sizes, group_offset, backend, tiling)
     return out, (lhs, rhs, group_sizes, group_offset)
 
 
@@ -76,4 +87,4 @@ def _backward(backend, tiling, residuals, d_out):
     return d_lhs, d_rhs.astype(rhs.dtype), None, None
 
 
-kernel_ragged_matmul.defvjp(_forward, _backward)
+_kernel_ragged_matmul.defvjp(_forward, _backward)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.backend import out_struct
 from pallas_kernels.ragged_matmul.metadata import group_tiles, max_visits, pl_cdiv, zero_rows_outside
 
 DEFAULT_TILING = (128, 64, 128)  # (tm, tk, tn)
@@ -76,7 +77,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: ja
 
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+        out_shape=out_struct((m, n), lhs.dtype, lhs),
+        name="ragged_matmul_gmm",
         grid=(pl_cdiv(n, tn), max_visits(m, tm, num_local)),
         compiler_params=plt.CompilerParams(**COMPILER_PARAMS),
         interpret=interpret,
@@ -115,7 +117,8 @@ def tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array, group_offset: ja
 
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_local, k, n), lhs.dtype),
+        out_shape=out_struct((num_local, k, n), lhs.dtype, lhs),
+        name="ragged_matmul_tgmm",
         grid=(pl_cdiv(k, tk), pl_cdiv(n, tn), num_local),
         compiler_params=plt.CompilerParams(**COMPILER_PARAMS),
         interpret=interpret,

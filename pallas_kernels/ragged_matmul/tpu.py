@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.backend import out_struct
 from pallas_kernels.ragged_matmul.metadata import group_tiles, pl_cdiv, zero_rows_outside
 
 DEFAULT_TILING = (512, 512, 512)  # (tm, tk, tn); clipped to the array where an array is smaller
@@ -83,7 +84,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: ja
     out_spec = pl.BlockSpec((tm, tn), lambda n_i, v, k_i, gid, tid, st, en: (tid[v], n_i))
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_shape=out_struct((m, n), out_dtype, lhs),
+        name="ragged_matmul_gmm",
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(pl_cdiv(n, tn), tiles.num_visits, tiles_k),
@@ -130,7 +132,8 @@ def tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array, group_offset: ja
 
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_local, k, n), out_dtype),
+        out_shape=out_struct((num_local, k, n), out_dtype, lhs),
+        name="ragged_matmul_tgmm",
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(pl_cdiv(k, tk), pl_cdiv(n, tn), tiles.num_visits),
