@@ -171,9 +171,9 @@ class NgramEmbedding(nnx.Module):
     def embed(self, tokens: jax.Array, windows: jax.Array | None) -> jax.Array:
         """int32[...] tokens and their int32[..., N] n-gram windows -> [..., D].
 
-        On one device the windows go to the fused kernel, which hashes them on the fly (XLA's hash
-        and `jnp.take` on CPU); under a mesh they are hashed here into the flat rows that the
-        row-sharded gather exchanges between devices.
+        The windows go to the fused kernel, which hashes them on the fly (XLA's hash and `jnp.take`
+        on CPU); under a mesh to the row-sharded gather, which runs the same kernel on each
+        device's table shard (sharding.ngram).
         """
         cfg = self.cfg
         dtype = cfg.jnp_compute_dtype
@@ -181,14 +181,13 @@ class NgramEmbedding(nnx.Module):
         if not cfg.has_ngram:
             return out
         # Imported here: pallas_kernels imports this module.
-        from pallas_kernels.ngram_gather import flat_rows, ngram_gather
+        from pallas_kernels.ngram_gather import ngram_gather
 
         mesh = active_mesh()  # under jax.set_mesh: the table's rows are split over the devices
         if mesh is not None:
             from sharding.ngram import gather_rows
 
-            rows = flat_rows(windows, cfg, hashed=True)  # [..., S] flat rows
-            gathered = gather_rows(self.ngram_table[...], rows, mesh).astype(dtype)
+            gathered = gather_rows(self.ngram_table[...], cfg, mesh, windows=windows).astype(dtype)
         else:
             gathered = ngram_gather(self.ngram_table[...], cfg, windows=windows).astype(dtype)  # [..., S, D/S]
         projected = jnp.einsum("...sw,swd->...d", gathered, self.ngram_proj[...].astype(dtype))

@@ -1,5 +1,6 @@
-"""Row-sharded N-gram lookup, forward + backward: masked local gather + psum_scatter (what the model
-uses, sharding.ngram) vs an id all-to-all with dropless fixed-size buffers, on 8 fake CPU devices.
+"""Row-sharded N-gram lookup, forward + backward: window all-gather + masked local gather (hash fused)
++ psum_scatter (what the model uses, sharding.ngram) vs an id all-to-all with dropless fixed-size
+buffers, on 8 fake CPU devices, for the demo preset's table at a larger --ngram-vocab-ratio.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m sharding.bench_ngram
 """
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lite.config import get_config
+from pallas_kernels.ngram_gather import flat_rows
 from sharding.mesh import make_mesh
 from sharding.ngram import gather_rows
 
@@ -46,33 +49,36 @@ def gather_by_id_all_to_all(table: jax.Array, rows: jax.Array, mesh) -> jax.Arra
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=131088 * 8)  # 8x the demo preset's table
-    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--ngram-vocab-ratio", type=int, default=64)  # 8x the demo preset's table
     parser.add_argument("--tokens-per-device", type=int, default=2048)
-    parser.add_argument("--tables", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    cfg = get_config("demo", ngram_vocab_ratio=args.ngram_vocab_ratio)
+    rows, width = cfg.ngram_total_rows, cfg.ngram_table_width
     mesh = make_mesh(f"data={jax.device_count()}")
     n = mesh.size
     rng = np.random.default_rng(0)
-    table = jax.device_put(jnp.asarray(rng.normal(size=(args.rows, args.width)), jnp.float32),
+    table = jax.device_put(jnp.asarray(rng.normal(size=(rows, width)), jnp.float32),
                            NamedSharding(mesh, P("data", None)))
-    ids = jax.device_put(jnp.asarray(rng.integers(0, args.rows, (n * args.tokens_per_device, args.tables)), jnp.int32),
-                         NamedSharding(mesh, P("data", None)))
-    cotangent = jnp.asarray(rng.normal(size=ids.shape + (args.width,)), jnp.float32)
+    windows = jax.device_put(
+        jnp.asarray(rng.integers(0, cfg.vocab_size, (n * args.tokens_per_device, cfg.ngram_n)), jnp.int32),
+        NamedSharding(mesh, P("data", None)))
+    ids = flat_rows(windows, cfg, hashed=True)  # [T, S] flat rows, for the all-to-all
+    cotangent = jnp.asarray(rng.normal(size=ids.shape + (width,)), jnp.float32)
     want = np.asarray(table)[np.asarray(ids)]
-    print(f"{n} CPU devices, table {args.rows} x {args.width} f32 rows split {n} ways, "
-          f"{args.tokens_per_device} tokens x {args.tables} lookups per device; forward + backward")
+    print(f"{n} CPU devices, table {rows} x {width} f32 rows split {n} ways, "
+          f"{args.tokens_per_device} tokens x {cfg.num_ngram_tables} lookups per device; forward + backward")
     print(f"{'method':<36}{'ms / step':>10}{'ratio':>8}")
     results = {}
-    for name, fn in (("masked gather + psum_scatter", gather_rows), ("id all-to-all, dropless buffers",
-                                                                       gather_by_id_all_to_all)):
+    methods = (("window all-gather + psum_scatter", lambda t, mesh: gather_rows(t, cfg, mesh, windows=windows)),
+               ("id all-to-all, dropless buffers", lambda t, mesh: gather_by_id_all_to_all(t, ids, mesh)))
+    for name, fn in methods:
         def loss(t, fn=fn):
-            return jnp.sum(fn(t, ids, mesh) * cotangent)
+            return jnp.sum(fn(t, mesh) * cotangent)
 
         step = jax.jit(jax.value_and_grad(loss))
         with jax.set_mesh(mesh):
-            np.testing.assert_allclose(np.asarray(jax.jit(lambda t, fn=fn: fn(t, ids, mesh))(table)), want)
+            np.testing.assert_allclose(np.asarray(jax.jit(lambda t, fn=fn: fn(t, mesh))(table)), want)
             jax.block_until_ready(step(table))
             times = []
             for _ in range(args.repeats):

@@ -167,9 +167,9 @@ def test_tpu_kernel_refuses_tables_it_cannot_copy():
     spec = RowSpec.from_config(CFG, hashed=False)
     keys = jnp.zeros((4, CFG.num_ngram_tables), jnp.int32)
     with pytest.raises(ValueError, match="even number of rows"):
-        tpu.gather(jnp.zeros((7, 4), jnp.bfloat16), keys, spec, interpret=True)
+        tpu.gather(jnp.zeros((7, 4), jnp.bfloat16), keys, jnp.int32(0), spec, interpret=True)
     with pytest.raises(ValueError, match="float16 tables are not supported"):
-        tpu.gather(jnp.zeros((8, 4), jnp.float16), keys, spec, interpret=True)
+        tpu.gather(jnp.zeros((8, 4), jnp.float16), keys, jnp.int32(0), spec, interpret=True)
 
 
 def test_dispatch_keeps_leading_dims_and_rejects_bad_keys():
@@ -227,3 +227,39 @@ def test_embedding_hands_windows_to_the_kernel_and_matches_xla(dtype, monkeypatc
         assert a.dtype == b.dtype == jnp.dtype(dtype), name
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
     assert np.abs(np.asarray(want[2], np.float32)).sum() > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("backend", ["interpret", "gpu-interpret", "xla", "simulator"])
+def test_a_table_shard_gives_its_own_rows_and_zeros_elsewhere(backend, dtype):
+    """One device's shard (sharding.ngram): flat rows row_start .. row_start + n - 1 come from the
+    shard, every other row is zeros, and only owned rows get gradient; the shard holds about
+    a third of the lookups."""
+    tokens = np.asarray(np.random.default_rng(8).integers(0, CFG.vocab_size, (B, L)), np.int32)
+    segments = np.ones((B, L), np.int32)
+    windows, _ = keys_of(tokens, segments)
+    rows = expected_rows(CFG, tokens, segments)  # [T, S]
+    start, size = 2 * (int(np.median(rows)) // 2), 2 * (CFG.ngram_total_rows // 6)  # even: bf16 row pairs
+    windows = np.asarray(windows)
+    shard = jnp.asarray(TABLE[start:start + size], dtype)
+    owned = (rows >= start) & (rows < start + size)
+    assert 0.2 < owned.mean() < 0.8
+    want = np.where(owned[..., None], np.asarray(jnp.asarray(TABLE, dtype))[np.clip(rows, start, start + size - 1)], 0)
+    d_rows = np.random.default_rng(9).normal(size=want.shape).astype(np.float32)
+    want_grad = np.zeros((size, TABLE.shape[1]))
+    np.add.at(want_grad, rows[owned] - start, d_rows[owned])
+
+    def loss(shard):
+        if backend == "xla":
+            got = ngram_gather(shard, CFG, windows=jnp.asarray(windows), row_start=start, implementation="xla")
+        else:
+            kind = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise") if backend == "simulator" \
+                else backend
+            got = kernel_ngram_gather(shard, jnp.asarray(windows), CFG, True, backend=kind, row_start=start,
+                                      block_tokens=16)
+        return jnp.sum(got.astype(jnp.float32) * d_rows), got
+
+    (_, got), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(shard)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(grad, np.float32), want_grad, rtol=1e-2 if dtype == "bfloat16" else 1e-5,
+                               atol=1e-2 if dtype == "bfloat16" else 1e-5)

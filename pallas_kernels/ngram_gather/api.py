@@ -7,18 +7,23 @@ import jax.numpy as jnp
 
 from lite.config import ModelConfig
 from pallas_kernels import backend as backends
+from pallas_kernels import interpret
 from pallas_kernels.ngram_gather import gpu, tpu
 from pallas_kernels.ngram_gather.reference import gather_with_vjp, ngram_gather_reference
 from pallas_kernels.ngram_gather.rows import RowSpec
 
 
 def ngram_gather(table: jax.Array, cfg: ModelConfig, *, windows: jax.Array | None = None,
-                 ids: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+                 ids: jax.Array | None = None, row_start: jax.Array | int | None = None,
+                 implementation: str = "auto") -> jax.Array:
     """The rows of the flat N-gram table [R, w] for every token -> [..., S, w].
 
     Give exactly one of windows int32[..., N] (`lite.ngram.ngram_windows`: the kernel computes the
     32-bit hash, the fused path) or ids int32[..., S] (`lite.ngram.ngram_ids`, local to each
     sub-table). Differentiable in the table (deterministic scatter-add).
+
+    row_start: `table` is one device's shard of the flat table, its rows row_start .. row_start +
+    len(table) - 1 (sharding.ngram); rows it does not hold come out as zeros (and get no gradient).
     """
     choice = backends.choose("ngram_gather", implementation)
     if (windows is None) == (ids is None):
@@ -27,30 +32,42 @@ def ngram_gather(table: jax.Array, cfg: ModelConfig, *, windows: jax.Array | Non
     keys = windows if hashed else ids
     spec = RowSpec.from_config(cfg, hashed=hashed)
     width = cfg.num_ngram_tables and table.shape[-1]
-    if table.ndim != 2 or table.shape[0] != cfg.ngram_total_rows:
-        raise ValueError(f"ngram_gather: table must be [{cfg.ngram_total_rows}, w] for {cfg.name}, got {table.shape}")
+    whole = row_start is None
+    if table.ndim != 2 or (whole and table.shape[0] != cfg.ngram_total_rows) or table.shape[0] > cfg.ngram_total_rows:
+        expected = f"[{cfg.ngram_total_rows}, w]" if whole else f"[at most {cfg.ngram_total_rows}, w] (a shard)"
+        raise ValueError(f"ngram_gather: table must be {expected} for {cfg.name}, got {table.shape}")
     if keys.shape[-1:] != (spec.num_keys,) or not jnp.issubdtype(keys.dtype, jnp.integer):
         name = "windows" if hashed else "ids"
         raise ValueError(f"ngram_gather: {name} must be integers [..., {spec.num_keys}], got {keys.dtype}{keys.shape}")
     lead = keys.shape[:-1]
     flat = keys.reshape(-1, spec.num_keys).astype(jnp.int32)
+    start = jnp.asarray(0 if whole else row_start, jnp.int32).reshape(())
     if choice == "tpu" and implementation == "auto" and tpu.unsupported(table) is not None:
         choice = "xla"  # see tpu.py: 32-bit and bf16 tables (bf16 with an even row count)
-    if choice == "xla":
-        out = ngram_gather_reference(table, flat, cfg, hashed)
+    if choice == "xla":  # its VJP is custom too: one varying type for the operands (see below)
+        out = ngram_gather_reference(*backends.same_varying_axes(table, flat, start), cfg, hashed)
     else:
-        out = kernel_ngram_gather(table, flat, cfg, hashed, backend=choice)
+        out = kernel_ngram_gather(table, flat, cfg, hashed, backend=choice, row_start=start)
     return out.reshape(*lead, spec.num_rows, width)
 
 
-def kernel_ngram_gather(table, keys, cfg: ModelConfig, hashed: bool, *, backend: str, block_tokens=None):
+def kernel_ngram_gather(table, keys, cfg: ModelConfig, hashed: bool, *, backend: str, row_start=0,
+                        block_tokens=None):
     """The Pallas kernel of `backend` ("tpu", "gpu", "interpret", "gpu-interpret", or a
-    `pltpu.InterpretParams` for the TPU simulator) on flat keys int32[T, C], with the shared VJP."""
-    module, interpret = {"tpu": (tpu, False), "gpu": (gpu, False), "interpret": (tpu, True),
-                         "gpu-interpret": (gpu, True)}.get(backend, (tpu, backend))
+    `pltpu.InterpretParams` for the TPU simulator) on flat keys int32[T, C], with the shared VJP.
+
+    Inside a shard_map the operands get one varying type first (backend.same_varying_axes), so the
+    table gradient comes back psum-ed over the devices that share a table shard.
+    """
+    module, interpret_mode = {"tpu": (tpu, False), "gpu": (gpu, False), "interpret": (tpu, True),
+                              "gpu-interpret": (gpu, True)}.get(backend, (tpu, backend))
+    if interpret_mode is not False:
+        interpret.enable()
     options = {} if block_tokens is None else {"block_tokens": block_tokens}
 
-    def forward(table, keys, cfg, hashed):
-        return module.gather(table, keys, RowSpec.from_config(cfg, hashed=hashed), interpret=interpret, **options)
+    def forward(table, keys, row_start, cfg, hashed):
+        return module.gather(table, keys, row_start, RowSpec.from_config(cfg, hashed=hashed),
+                             interpret=interpret_mode, **options)
 
-    return gather_with_vjp(forward)(table, keys, cfg, hashed)
+    start = jnp.asarray(row_start, jnp.int32).reshape(())
+    return gather_with_vjp(forward)(*backends.same_varying_axes(table, keys, start), cfg, hashed)

@@ -1,7 +1,8 @@
 """XLA reference for the N-gram gather, and the VJP every implementation shares.
 
 Forward: flat rows from the keys (`lite.ngram.hash_windows` for windows, ids + sub-table offsets for
-ids), then `jnp.take`. Backward: the table gradient is a deterministic scatter-add of the row
+ids), then `jnp.take` from the table or from one device's shard of it (rows it does not hold are
+zeros, so the shards' results sum to the whole table's). Backward: the table gradient is a deterministic scatter-add of the row
 gradients (sort by row, segmented sum in a fixed tree order, one write per distinct row), so
 repeated runs give bit-identical gradients on every backend.
 """
@@ -45,32 +46,49 @@ def scatter_add_rows(rows: jax.Array, grads: jax.Array, num_rows: int) -> jax.Ar
     return jnp.zeros((num_rows, grads.shape[-1]), jnp.float32).at[target].set(run_sums, mode="drop")
 
 
-def gather_with_vjp(forward):
-    """forward(table [R, w], keys int32[T, C]) -> [T, S, w], wrapped with the deterministic table VJP.
+def local_rows(keys: jax.Array, cfg: ModelConfig, hashed: bool, row_start: jax.Array,
+               num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """Rows of a table shard holding flat rows row_start .. row_start + num_rows - 1:
+    (int32[..., S] row within the shard, bool[..., S] whether the shard holds it)."""
+    rows = flat_rows(keys, cfg, hashed) - row_start
+    return rows, (rows >= 0) & (rows < num_rows)
 
-    The wrapped function takes (table, keys, cfg, hashed); forward gets the same.
+
+def gather_with_vjp(forward):
+    """forward(table [R, w], keys int32[T, C], row_start int32[], cfg, hashed) -> [T, S, w], wrapped
+    with the deterministic table VJP.
+
+    The table may be one device's shard of the flat table, holding its rows row_start ..
+    row_start + R - 1 (row_start = 0 and R = all rows for the whole table); keys whose row lies
+    outside give zero rows and no gradient. The wrapped function takes the same arguments.
     """
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-    def gather(table, keys, cfg, hashed):
-        return forward(table, keys, cfg, hashed)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+    def gather(table, keys, row_start, cfg, hashed):
+        return forward(table, keys, row_start, cfg, hashed)
 
-    def fwd(table, keys, cfg, hashed):
-        return forward(table, keys, cfg, hashed), (keys, jnp.zeros((table.shape[0], 0), table.dtype))
+    def fwd(table, keys, row_start, cfg, hashed):
+        residuals = (keys, row_start, jnp.zeros((table.shape[0], 0), table.dtype))
+        return forward(table, keys, row_start, cfg, hashed), residuals
 
     def bwd(cfg, hashed, residuals, d_rows):
-        keys, like = residuals  # like: [R, 0], the table's row count and dtype
-        rows = flat_rows(keys, cfg, hashed)
-        d_table = scatter_add_rows(rows.reshape(-1), d_rows.reshape(-1, d_rows.shape[-1]), like.shape[0])
-        return d_table.astype(like.dtype), None
+        keys, row_start, like = residuals  # like: [R, 0], the table's row count and dtype
+        num_rows = like.shape[0]
+        rows, owned = local_rows(keys, cfg, hashed, row_start, num_rows)
+        rows = jnp.where(owned, rows, num_rows)  # sorts last, dropped by the scatter
+        d_table = scatter_add_rows(rows.reshape(-1), d_rows.reshape(-1, d_rows.shape[-1]), num_rows)
+        return d_table.astype(like.dtype), None, None
 
     gather.defvjp(fwd, bwd)
     return gather
 
 
-def _take(table, keys, cfg, hashed):
-    return jnp.take(table, flat_rows(keys, cfg, hashed), axis=0)
+def _take(table, keys, row_start, cfg, hashed):
+    rows, owned = local_rows(keys, cfg, hashed, row_start, table.shape[0])
+    got = jnp.take(table, jnp.clip(rows, 0, table.shape[0] - 1), axis=0)
+    return jnp.where(owned[..., None], got, jnp.zeros((), table.dtype))
 
 
 ngram_gather_reference = gather_with_vjp(_take)
-ngram_gather_reference.__doc__ = """(table [R, w], keys int32[T, C], cfg, hashed) -> [T, S, w] rows, via jnp.take."""
+ngram_gather_reference.__doc__ = """(table [R, w], keys int32[T, C], row_start int32[], cfg, hashed) -> [T, S, w]
+rows, via jnp.take (rows outside the table shard are zeros)."""
