@@ -17,6 +17,7 @@ from lite import decode
 from lite.config import get_config
 from lite.model import LongcatModel, next_token_loss
 from lite.moe import MoE
+from pallas_kernels import backend as kernel_backend
 from sharding import expert_parallel
 from sharding.expert_parallel import ExpertParallel, expert_capacity, set_expert_parallel
 from sharding.mesh import make_mesh
@@ -55,17 +56,46 @@ def single_device():
     return jax.device_get(nnx.jit(loss_and_grads)(model, *batch()))
 
 
-@pytest.mark.parametrize("spec", ["data=8", "data=2,expert=4", "expert=8"])
-def test_loss_and_every_gradient_match_single_device(spec):
+# "xla": what `auto` runs on CPU; "interpret" / "gpu-interpret": the TPU / GPU Pallas kernels (the
+# grouped matmul and the N-gram gather, on each device's table shard) in interpret mode, inside the
+# shard_maps with check_vma on, as a TPU pod or a GPU node would run them.
+MESH_CASES = [(spec, "xla") for spec in ("data=8", "data=2,expert=4", "expert=8")] + \
+    [(spec, "interpret") for spec in ("data=8", "data=2,expert=4", "expert=8")] + [("data=2,expert=4", "gpu-interpret")]
+
+
+@pytest.fixture
+def chosen_kernels(monkeypatch):
+    """The (op, backend) pairs the ops chose while tracing: proof that the kernels really ran."""
+    chosen, choose = set(), kernel_backend.choose
+
+    def recording(op, implementation):
+        chosen.add((op, choose(op, implementation)))
+        return choose(op, implementation)
+
+    monkeypatch.setattr(kernel_backend, "choose", recording)
+    return chosen
+
+
+def expected_kernels(spec, kernels):
+    # On data=8 every expert is local and 12 tokens per device take the dense expert form.
+    ops = {"ngram_gather"} if "expert" not in spec else {"ngram_gather", "ragged_matmul"}
+    return {(op, kernels) for op in ops}
+
+
+@pytest.mark.parametrize("spec,kernels", MESH_CASES)
+def test_loss_and_every_gradient_match_single_device(spec, kernels, chosen_kernels):
     want_loss, want_counts, _, want_grads = single_device()
+    chosen_kernels.clear()
     mesh = make_mesh(spec)
     model = set_expert_parallel(LongcatModel(CFG, rngs=nnx.Rngs(0)), NO_DROPS)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), kernel_backend.forced(kernels):
         shard_model(model, mesh)
         # The experts really are split: each device holds E / n_ep of them.
         local_experts = model.layers.moe.w_gate[...].addressable_shards[0].data.shape[1]
         assert local_experts == CFG.n_routed_experts // dict(mesh.shape).get("expert", 1)
         loss, counts, dropped, grads = nnx.jit(loss_and_grads)(model, *batch())
+    if kernels != "xla":
+        assert chosen_kernels == expected_kernels(spec, kernels), chosen_kernels
     np.testing.assert_array_equal(np.asarray(dropped), np.zeros(CFG.num_layers))
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(counts), np.asarray(want_counts))
@@ -80,7 +110,8 @@ def test_loss_and_every_gradient_match_single_device(spec):
     assert all(np.abs(table_grad[d * rows_per_device:(d + 1) * rows_per_device]).sum() > 0 for d in range(8))
 
 
-def test_decode_step_on_mesh_matches_single_device():
+@pytest.mark.parametrize("kernels", ["xla", "interpret", "gpu-interpret"])
+def test_decode_step_on_mesh_matches_single_device(kernels, chosen_kernels):
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, CFG.vocab_size, n).tolist() for n in (6, 3, 5, 1, 6, 2, 4, 6)]
     packed = decode.PackedPrompts(*map(jnp.asarray, decode.pack_prompts(prompts, 6)))
@@ -94,9 +125,12 @@ def test_decode_step_on_mesh_matches_single_device():
     want_logits, want_cache = nnx.jit(prefill_and_step)(model)
     mesh = make_mesh("data=2,expert=4")
     model = set_expert_parallel(LongcatModel(CFG, rngs=nnx.Rngs(0)), NO_DROPS)
-    with jax.set_mesh(mesh):
+    chosen_kernels.clear()
+    with jax.set_mesh(mesh), kernel_backend.forced(kernels):
         shard_model(model, mesh)
         logits, cache = nnx.jit(prefill_and_step)(model)
+    if kernels != "xla":
+        assert chosen_kernels == expected_kernels("data=2,expert=4", kernels), chosen_kernels
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(cache.ngram), np.asarray(want_cache.ngram))
     assert np.asarray(logits).std() > 1e-3  # the comparison is not between two constants

@@ -1,5 +1,6 @@
-"""Sharding: mesh specs and logical-axis rules here (one device); the 8-device comparisons and the
-TPU compile run in their own processes (XLA_FLAGS / libtpu must be set before JAX starts)."""
+"""Sharding: mesh specs and logical-axis rules here (one device); the 8-device comparisons run in
+their own process (XLA_FLAGS must be set before JAX starts). The TPU and H200 compiles of
+sharding.plan are in tests/test_aot_compile.py."""
 
 import os
 import pathlib
@@ -76,18 +77,4 @@ def _run(args, env_extra, timeout):
 def test_sharded_model_equals_single_device_on_8_cpu_devices():
     out = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sharding_mesh_cases.py"],
                {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}, timeout=600)
-    assert "8 passed" in out, out
-
-
-def test_plan_compiles_train_and_decode_steps_for_a_tpu_pod():
-    """The AOT compile of sharding.plan for a small preset on an 8-chip v5p topology (needs libtpu)."""
-    pytest.importorskip("libtpu", reason="libtpu is installed by pip install 'jax[tpu]' (the test extra)")
-    out = _run(["-m", "sharding.plan", "--preset", "tiny", "--set", "n_routed_experts=8", "--topology", "v5p:2x2x2",
-                "--mesh", "data=2,expert=4", "--batch", "8", "--seq-len", "32", "--decode-batch", "8",
-                "--cache-len", "32"], {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "JAX_PLATFORMS": ""}, timeout=600)
-    assert "8 x TPU v5" in out and "expert dispatch ragged" in out, out
-    train, decode = out.split("training step")[1].split("decode step")
-    for section in (train, decode):
-        assert "ragged-all-to-all x" in section, section  # the dropless dispatch is compiled for TPU
-        peak = float(section.split("peak per device")[1].split("GiB")[0])
-        assert 0 < peak < 95 and "fits" in section
+    assert "14 passed" in out, out
