@@ -1,29 +1,30 @@
-"""Compile the training step and a decode step for a TPU pod on this (CPU) machine, and show memory.
+"""Compile the training step and a decode step for a TPU pod or an H200 node on this (CPU) machine,
+and show memory and the Pallas kernels each compiled program contains.
 
     python -m sharding.plan --preset longcat-flash-lite --topology v5p:4x4x8 --mesh fsdp=16,expert=8
+    python -m sharding.plan --preset longcat-flash-lite --topology h200:4x8 --mesh fsdp=4,expert=8
 
-Uses libtpu's compiler through `jax.experimental.topologies.get_topology_desc` (pip install
-"jax[tpu]" at the installed jax version): no TPU is needed. The full training step of
+Uses the real compilers through compile-only devices (sharding.topology): libtpu for TPU topologies
+(pip install "jax[tpu]" at the installed jax version), the CUDA PJRT plugin for `h200:HOSTSxGPUS`
+(pip install jax-cuda12-plugin and jax-cuda12-pjrt at the installed jax version, or
+pip install -e ".[aot]" as .ci/run does). No accelerator is needed. The full training step of
 `lite.training.make_train_step` (forward, backward, AdamW update, router-bias update) and one
 `lite.decode.decode_step` are lowered with every parameter, optimizer and cache array placed by
-`sharding.rules`, compiled by the real TPU compiler, and `compiled.memory_analysis()` gives the
-per-device bytes. Run it in its own process: it points JAX's default device at the topology.
+`sharding.rules`, compiled, and `compiled.memory_analysis()` gives the per-device bytes. Run it in
+its own process: it points JAX's default device at the topology.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import re
 import sys
 import time
 
-# Before JAX loads libtpu: several processes may load it (tests, other tools), and on a machine
-# without TPUs these stop libtpu looking for the TPU VM's metadata.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+from sharding import topology
+
+topology.configure_environment()  # before JAX starts: libtpu and the CUDA plugin read it
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -33,30 +34,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from lite.config import PRESETS, get_config  # noqa: E402
 from lite.model import LongcatModel  # noqa: E402
-from sharding.mesh import make_mesh  # noqa: E402
+from sharding.mesh import make_mesh, parse_mesh_spec  # noqa: E402
 from sharding.rules import activation_spec, state_specs  # noqa: E402
-
-# HBM per chip in GiB, by the device kind libtpu reports.
-HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32,
-           "TPU v6e": 32, "TPU7x": 192}
-
+from sharding.topology import hbm_bytes, topology_devices  # noqa: E402
 
 COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce")
-
-
-def hbm_bytes(device) -> int:
-    kind = device.device_kind
-    for name in sorted(HBM_GIB, key=len, reverse=True):
-        if kind.startswith(name):
-            return HBM_GIB[name] * 2**30
-    raise ValueError(f"unknown HBM size of device kind {kind!r}; known: {sorted(HBM_GIB)}")
-
-
-def topology_devices(topology: str):
-    from jax.experimental import topologies
-
-    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-    return topo.devices
 
 
 def _abstract(tree, specs, mesh):
@@ -143,21 +125,41 @@ def report(name: str, lowered, parts: dict[str, int], hbm: int) -> tuple[list[st
     hlo = compiled.as_text()
     found = {op: len(re.findall(r"(?<![-\w])" + op + r"(-start)?\(", hlo)) for op in COLLECTIVES}
     collectives = ", ".join(f"{op} x{n}" for op, n in found.items() if n)
-    lines = [f"{name} (compiled in {seconds:.0f} s; {collectives or 'no collectives'})"]
+    lines = [f"{name} (compiled in {seconds:.0f} s; {collectives or 'no collectives'})",
+             f"  {'Pallas kernels':<34}{topology.describe_pallas_calls(hlo)}"]
     lines += [f"  {part:<34}{_gib(size)}" for part, size in parts.items()]
     lines += [f"  {'arguments (all inputs)':<34}{_gib(arguments)}",
               f"  {'outputs not aliased to inputs':<34}{_gib(outputs - aliased)}",
               f"  {'temporaries':<34}{_gib(temporaries)}",
               f"  {'generated code':<34}{_gib(code)}",
               f"  {'peak per device':<34}{_gib(peak)}   of {hbm / 2**30:.0f} GiB HBM: "
-              f"{peak / hbm:.0%} {'fits' if peak <= hbm else 'DOES NOT FIT'}"]
+              f"{peak / hbm:.0%} {'fits' if peak <= hbm else 'DOES NOT FIT'}",
+              f"  {'compiler estimate':<34}{_cost_estimate(compiled)}"]
     return lines, peak <= hbm
+
+
+def _cost_estimate(compiled) -> str:
+    """The compiler's own flops / bytes / step-time estimate: libtpu gives one; XLA:GPU's
+    cost_analysis needs a GPU client and returns None (or raises) when compiling without one."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - unimplemented for compile-only GPU devices
+        cost = None
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    if not cost:
+        return "none (this compiler gives no cost analysis without a device)"
+    flops, accessed, seconds = (cost.get(key, -1) for key in ("flops", "bytes accessed", "optimal_seconds"))
+    parts = [f"{flops:.3g} flop" if flops >= 0 else "", f"{accessed / 2**30:.3g} GiB accessed" if accessed >= 0 else "",
+             f"{seconds * 1e3:.3g} ms" if seconds > 0 else ""]  # libtpu reports a negative time it has no model for
+    return ", ".join(p for p in parts if p) or "none"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="longcat-flash-lite", help=f"one of: {', '.join(PRESETS)}")
-    parser.add_argument("--topology", default="v5p:4x4x8", help="libtpu topology, e.g. v5p:4x4x8, v6e:8x8")
+    parser.add_argument("--topology", default="v5p:4x4x8",
+                        help="libtpu topology (v5p:4x4x8, v6e:8x8) or H200 hosts x GPUs (h200:1x8, h200:4x8)")
     parser.add_argument("--mesh", default="fsdp=16,expert=8", help="mesh spec over the topology's chips")
     parser.add_argument("--batch", type=int, default=128, help="training rows per step (global)")
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -183,8 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 continue
     cfg = get_config(args.preset, **overrides)
-    devices = topology_devices(args.topology)
-    jax.config.update("jax_default_device", devices[0])  # Pallas TPU lowering asks the default device
+    try:
+        devices = topology_devices(args.topology)
+    except topology.TopologyError as error:
+        parser.error(str(error))
+    topology.set_default_device(devices)  # Pallas lowering asks the default device for the chip
+    chips = math.prod(parse_mesh_spec(args.mesh).values())
+    if chips != len(devices):
+        parser.error(f"--mesh {args.mesh} covers {chips} devices, --topology {args.topology} has {len(devices)}")
     mesh = make_mesh(args.mesh, devices)
     hbm = hbm_bytes(devices[0])
     settings = ExpertParallel(dispatch=args.dispatch, capacity_factor=args.capacity_factor)
