@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from typing import Callable
@@ -48,6 +47,8 @@ from lite.training import TrainConfig, TrainState, flops_per_token, make_train_s
 from pallas_kernels import backend as kernel_backend  # noqa: E402
 from pallas_kernels.ngram_gather import kernel_ngram_gather, ngram_gather  # noqa: E402
 from pallas_kernels.ragged_matmul import kernel_ragged_matmul, ragged_matmul_reference  # noqa: E402
+
+from kernels import timed  # noqa: E402  (benchmarks/kernels.py: this script's folder is on sys.path)
 
 PEAK_BF16_TFLOPS = {"h200": 989, "h100": 989, "b200": 2250, "v5p": 459, "v5 lite": 197, "v6": 918}
 
@@ -198,16 +199,6 @@ def train_programs(quick: bool, peak: float) -> list[Program]:
 
 # ---------------------------------------------------------------------------------------------
 
-def timed(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
-
-
 def device_peak(device) -> float:
     kind = device.device_kind.lower()
     return next((t * 1e12 for needle, t in PEAK_BF16_TFLOPS.items() if needle in kind), 0.0)
@@ -222,7 +213,7 @@ def run(programs: list[Program], repeats: int, budget_s: float) -> list[tuple]:
         print(f"[{time.perf_counter() - begin:6.1f} s] {p.name} ({p.shape})", file=sys.stderr, flush=True)
         try:
             args = p.make()
-            seconds[p.name] = timed(p.fn, args, repeats)
+            seconds[p.name] = timed(p.fn, *args, repeats=repeats)
             del args
         except Exception as error:  # noqa: BLE001 - one failing program must not end the run
             rows.append((p, f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:160]}", ""))
