@@ -41,11 +41,11 @@ def ngram_gather(table: jax.Array, cfg: ModelConfig, *, windows: jax.Array | Non
         raise ValueError(f"ngram_gather: {name} must be integers [..., {spec.num_keys}], got {keys.dtype}{keys.shape}")
     lead = keys.shape[:-1]
     flat = keys.reshape(-1, spec.num_keys).astype(jnp.int32)
-    start = jnp.asarray(0 if whole else row_start, jnp.int32).reshape(())
     if choice == "tpu" and implementation == "auto" and tpu.unsupported(table) is not None:
         choice = "xla"  # see tpu.py: 32-bit and bf16 tables (bf16 with an even row count)
-    if choice == "xla":  # its VJP is custom too: one varying type for the operands (see below)
-        out = ngram_gather_reference(*backends.same_varying_axes(table, flat, start), cfg, hashed)
+    start = 0 if whole else row_start
+    if choice == "xla":
+        out = ngram_gather_reference(table, flat, start, cfg, hashed)
     else:
         out = kernel_ngram_gather(table, flat, cfg, hashed, backend=choice, row_start=start)
     return out.reshape(*lead, spec.num_rows, width)
@@ -54,11 +54,8 @@ def ngram_gather(table: jax.Array, cfg: ModelConfig, *, windows: jax.Array | Non
 def kernel_ngram_gather(table, keys, cfg: ModelConfig, hashed: bool, *, backend: str, row_start=0,
                         block_tokens=None):
     """The Pallas kernel of `backend` ("tpu", "gpu", "interpret", "gpu-interpret", or a
-    `pltpu.InterpretParams` for the TPU simulator) on flat keys int32[T, C], with the shared VJP.
-
-    Inside a shard_map the operands get one varying type first (backend.same_varying_axes), so the
-    table gradient comes back psum-ed over the devices that share a table shard.
-    """
+    `pltpu.InterpretParams` for the TPU simulator) on flat keys int32[T, C], with the shared VJP
+    (reference.gather_with_vjp, which also types the operands for a shard_map)."""
     module, interpret_mode = {"tpu": (tpu, False), "gpu": (gpu, False), "interpret": (tpu, True),
                               "gpu-interpret": (gpu, True)}.get(backend, (tpu, backend))
     if interpret_mode is not False:
@@ -69,5 +66,4 @@ def kernel_ngram_gather(table, keys, cfg: ModelConfig, hashed: bool, *, backend:
         return module.gather(table, keys, row_start, RowSpec.from_config(cfg, hashed=hashed),
                              interpret=interpret_mode, **options)
 
-    start = jnp.asarray(row_start, jnp.int32).reshape(())
-    return gather_with_vjp(forward)(*backends.same_varying_axes(table, keys, start), cfg, hashed)
+    return gather_with_vjp(forward)(table, keys, row_start, cfg, hashed)

@@ -3,7 +3,8 @@
 A program loads its tokens' keys, computes the S flat rows for all of them at once (vector int32,
 rows.RowSpec) and gathers each sub-table's rows with one masked gather-load, storing them into the
 [T, S * w] output. The table may be one device's shard (rows row_start ..): the load is masked to
-the rows it holds, the others read as zeros. Triton blocks are powers of two: the width is padded up and masked.
+the rows it holds, the others read as zeros. Triton blocks are powers of two: the width is padded
+up and masked.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def gather(table: jax.Array, keys: jax.Array, row_start: jax.Array, spec: RowSpe
         for s, row in enumerate(spec.rows(lambda c: key_columns[c])):
             row = row - start
             owned = (row >= 0) & (row < num_rows)
-            values = plt.load(table_ref.at[jnp.clip(row, 0, num_rows - 1)[:, None], jnp.minimum(column, width - 1)[None, :]],
-                              mask=owned[:, None] & column_ok[None, :], other=0)
+            at = (jnp.clip(row, 0, num_rows - 1)[:, None], jnp.minimum(column, width - 1)[None, :])
+            values = plt.load(table_ref.at[at], mask=owned[:, None] & column_ok[None, :], other=0)
             plt.store(out_ref.at[pl.ds(pl.program_id(0) * bt, bt), pl.ds(s * width, wp)], values,
                       mask=token_ok[:, None] & column_ok[None, :])
 

@@ -2,9 +2,9 @@
 
 Forward: flat rows from the keys (`lite.ngram.hash_windows` for windows, ids + sub-table offsets for
 ids), then `jnp.take` from the table or from one device's shard of it (rows it does not hold are
-zeros, so the shards' results sum to the whole table's). Backward: the table gradient is a deterministic scatter-add of the row
-gradients (sort by row, segmented sum in a fixed tree order, one write per distinct row), so
-repeated runs give bit-identical gradients on every backend.
+zeros, so the shards' results sum to the whole table's). Backward: the table gradient is a
+deterministic scatter-add of the row gradients (sort by row, segmented sum in a fixed tree order,
+one write per distinct row), so repeated runs give bit-identical gradients on every backend.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from lite.config import ModelConfig
 from lite.ngram import hash_windows
+from pallas_kernels.backend import same_varying_axes
 
 
 def flat_rows(keys: jax.Array, cfg: ModelConfig, hashed: bool) -> jax.Array:
@@ -60,7 +61,10 @@ def gather_with_vjp(forward):
 
     The table may be one device's shard of the flat table, holding its rows row_start ..
     row_start + R - 1 (row_start = 0 and R = all rows for the whole table); keys whose row lies
-    outside give zero rows and no gradient. The wrapped function takes the same arguments.
+    outside give zero rows and no gradient. The wrapped function takes the same arguments
+    (row_start may be a Python int). Inside a shard_map the operands get one varying type first
+    (backend.same_varying_axes), so the table gradient comes back psum-ed over the devices that
+    share a table shard.
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -80,7 +84,12 @@ def gather_with_vjp(forward):
         return d_table.astype(like.dtype), None, None
 
     gather.defvjp(fwd, bwd)
-    return gather
+
+    def typed(table, keys, row_start, cfg, hashed):
+        start = jnp.asarray(row_start, jnp.int32).reshape(())
+        return gather(*same_varying_axes(table, keys, start), cfg, hashed)
+
+    return typed
 
 
 def _take(table, keys, row_start, cfg, hashed):
