@@ -12,7 +12,7 @@ one exists (ratio in the last column):
   train     the full training step (lite.training.make_train_step: forward, backward, AdamW) of the
             demo preset and of `lite-2l` (LongCat-Flash-Lite's layer shapes with 2 layers, 32 FFN
             experts and a 1x-vocabulary N-gram table), tokens/s and MFU = 6 x activated parameters
-            x tokens / time / the device's bf16 dense peak (989 TFLOP/s on H200)
+            x tokens / time / the device's bf16 dense peak (lite.training.peak_flops: 989 TFLOP/s on H200)
 Each program's failure (compile or run) becomes its table row instead of ending the run, and a
 program that would start after --budget-s is reported as skipped. `--compile-only TARGET` builds the
 same programs with abstract arguments and compiles them for a compile-only device
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import math
 import sys
 import time
 from typing import Callable
@@ -43,14 +45,13 @@ from flax import nnx  # noqa: E402
 from lite.config import get_config  # noqa: E402
 from lite.decode import DecodeCache, decode_step  # noqa: E402
 from lite.model import LongcatModel  # noqa: E402
-from lite.training import TrainConfig, TrainState, flops_per_token, make_train_step, optimizer  # noqa: E402
+from lite.training import TrainConfig, TrainState, flops_per_token, make_train_step, optimizer, peak_flops  # noqa: E402
 from pallas_kernels import backend as kernel_backend  # noqa: E402
 from pallas_kernels.ngram_gather import kernel_ngram_gather, ngram_gather  # noqa: E402
 from pallas_kernels.ragged_matmul import kernel_ragged_matmul, ragged_matmul_reference  # noqa: E402
 
-from kernels import timed  # noqa: E402  (benchmarks/kernels.py: this script's folder is on sys.path)
+from kernels import hashed_table, timed  # noqa: E402  (benchmarks/kernels.py: this script's folder is on sys.path)
 
-PEAK_BF16_TFLOPS = {"h200": 989, "h100": 989, "b200": 2250, "v5p": 459, "v5 lite": 197, "v6": 918}
 
 
 @dataclasses.dataclass
@@ -70,15 +71,9 @@ def sds(shape, dtype):
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
-def filled(shape, dtype, seed: int = 0):
-    """Values in [-1, 1) from an integer hash of the position: one fused pass, no RNG temporaries."""
-    @jax.jit
-    def make():
-        index = jax.lax.iota(jnp.uint32, int(np.prod(shape))).reshape(shape)
-        h = (index + jnp.uint32((seed * 0x9E3779B1) % 2**32)) * jnp.uint32(0x85EBCA77)
-        h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
-        return ((h >> 8).astype(jnp.float32) * (2.0 / (1 << 24)) - 1.0).astype(dtype)
-    return make()
+def filled(shape, dtype) -> jax.Array:
+    """benchmarks/kernels.py's hashed fill (no RNG temporaries) in any shape."""
+    return hashed_table(int(np.prod(shape[:-1])), shape[-1], dtype).reshape(shape)
 
 
 def integers(shape, high: int, seed: int = 1):
@@ -101,7 +96,7 @@ def kernel_programs(quick: bool, backend: str) -> list[Program]:
     shape = f"T={tokens} S={cfg.num_ngram_tables} w={cfg.ngram_table_width} bf16, table {np.prod(table_shape) * 2 / 1e9:.1f} GB"
     sizes = np.random.default_rng(2).multinomial(m, np.ones(g) / g).astype(np.int32)
     matmul_args = (lambda: (sds((m, k), dtype), sds((g, k, n), dtype), sds((g,), jnp.int32)),
-                   lambda: (filled((m, k), dtype), filled((g, k, n), dtype, 3), jnp.asarray(sizes)))
+                   lambda: (filled((m, k), dtype), filled((g, k, n), dtype), jnp.asarray(sizes)))
     tflops = lambda s: f"{2 * m * k * n / s / 1e12:.1f} TFLOP/s"  # noqa: E731
     matmul_shape = f"m={m} k={k} n={n} g={g} bf16"
     return [
@@ -140,6 +135,7 @@ def decode_programs(quick: bool) -> list[Program]:
     cache_len = 64 if quick else 1024
     graphdef, state = abstract_model_state(cfg)
     row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    real_state = functools.cache(lambda: nnx.state(LongcatModel(cfg, rngs=nnx.Rngs(0))))  # one model, three batches
 
     @jax.jit
     def step(state, cache, tokens):
@@ -153,9 +149,9 @@ def decode_programs(quick: bool) -> list[Program]:
             return state, cache, sds((batch,), jnp.int32)
 
         def make(batch=batch):
-            model_state = nnx.state(LongcatModel(cfg, rngs=nnx.Rngs(0)))
-            cache = DecodeCache(tuple(filled((batch, cache_len, row), cfg.jnp_compute_dtype, i)
-                                      for i in range(2 * cfg.num_layers)),
+            model_state = real_state()
+            cache = DecodeCache(tuple(filled((batch, cache_len, row), cfg.jnp_compute_dtype)
+                                      for _ in range(2 * cfg.num_layers)),
                                 jnp.full((batch,), cache_len // 2, jnp.int32),
                                 integers((batch, max(cfg.ngram_n - 1, 0)), cfg.vocab_size))
             return model_state, cache, integers((batch,), cfg.vocab_size)
@@ -186,7 +182,8 @@ def train_programs(quick: bool, peak: float) -> list[Program]:
 
         def rate(s, per_token=per_token):
             tok_s = batch * seq_len / s
-            return f"{tok_s:,.0f} tok/s, MFU {per_token * tok_s / peak:.1%}" if peak else f"{tok_s:,.0f} tok/s"
+            mfu = f", MFU {per_token * tok_s / peak:.1%}" if math.isfinite(peak) else ""
+            return f"{tok_s:,.0f} tok/s{mfu}"
 
         programs.append(Program(
             "train", f"training step, {cfg.name}", f"batch {batch} x {seq_len}, AdamW", step,
@@ -198,11 +195,6 @@ def train_programs(quick: bool, peak: float) -> list[Program]:
 
 
 # ---------------------------------------------------------------------------------------------
-
-def device_peak(device) -> float:
-    kind = device.device_kind.lower()
-    return next((t * 1e12 for needle, t in PEAK_BF16_TFLOPS.items() if needle in kind), 0.0)
-
 
 def run(programs: list[Program], repeats: int, budget_s: float) -> list[tuple]:
     begin, seconds, rows = time.perf_counter(), {}, []
@@ -266,7 +258,8 @@ def main(argv=None) -> int:
         devices = topology.topology_devices(spec)
         topology.set_default_device(devices)  # the kernels are chosen for, and lowered to, this device
         platform = kernel_backend.target_platform()
-        programs = kernel_programs(args.quick, platform) + decode_programs(args.quick) + train_programs(args.quick, 0.0)
+        programs = kernel_programs(args.quick, platform) + decode_programs(args.quick) + \
+            train_programs(args.quick, math.nan)
         print(f"compiling {len(programs)} programs for {devices[0].device_kind} ({spec})", flush=True)
         return compile_only(programs, devices[0])
 
@@ -274,7 +267,7 @@ def main(argv=None) -> int:
     platform = kernel_backend.target_platform()
     backend = platform if platform in ("tpu", "gpu") else "interpret"
     programs = kernel_programs(args.quick, backend) + decode_programs(args.quick) + \
-        train_programs(args.quick, device_peak(device))
+        train_programs(args.quick, peak_flops(device, TrainConfig())[0])
     if backend == "interpret":  # CPU: the model's steps also run their kernels in interpret mode
         with kernel_backend.forced("interpret"):
             rows = run(programs, args.repeats, args.budget_s)
