@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-import pytest
+from compilers import require_compiler
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accelerator.py"
@@ -30,14 +30,7 @@ def test_quick_run_times_every_program_and_writes_one_table(tmp_path):
 
 
 def test_compile_only_puts_the_kernels_in_every_program_for_h200():
-    from sharding import topology
-
-    try:
-        topology.check_compiler_available(topology.parse_target("h200:1x1"))
-    except topology.TopologyError as error:
-        if os.environ.get("LONGCAT_REQUIRE_AOT") == "1":
-            pytest.fail(str(error))
-        pytest.skip(str(error))
+    require_compiler("h200:1x1")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the script sets what it needs
     result = subprocess.run([sys.executable, str(SCRIPT), "--compile-only", "h200", "--quick"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)

@@ -20,10 +20,10 @@ import tomllib
 
 import pytest
 
+from compilers import require_compiler
 from sharding import topology
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-REQUIRE_AOT = os.environ.get("LONGCAT_REQUIRE_AOT") == "1"
 # What the tools must set up themselves: removed from the children's environment.
 TOOL_ENV = ("JAX_PLATFORMS", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "ALLOW_MULTIPLE_LIBTPU_LOAD", "TPU_ACCELERATOR_TYPE",
             "TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY")
@@ -31,16 +31,6 @@ TOOL_ENV = ("JAX_PLATFORMS", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "ALLOW_MULTIPLE_
 SMALL_MODEL = ["--preset", "tiny", "--set", "n_routed_experts=8", "--batch", "8", "--seq-len", "32",
                "--decode-batch", "8", "--cache-len", "32"]
 GPU_CALL_TARGETS = {"__gpu$xla.gpu.triton", "mosaic_gpu_v2", "mosaic_gpu"}
-
-
-def _require_compiler(spec: str) -> None:
-    """Skip (or fail under LONGCAT_REQUIRE_AOT=1) when the target's compiler is not installed."""
-    try:
-        topology.check_compiler_available(topology.parse_target(spec))
-    except topology.TopologyError as error:
-        if REQUIRE_AOT:
-            pytest.fail(f"LONGCAT_REQUIRE_AOT=1, but {error}")
-        pytest.skip(str(error))
 
 
 def _run(args: list[str], timeout: int = 600) -> str:
@@ -97,13 +87,13 @@ def _check_plan(spec: str, mesh: str, device: str, hbm_gib: float, call_targets:
 
 def test_plan_compiles_train_and_decode_steps_for_a_tpu_pod():
     """v5p:2x2x2 (8 chips), data=2 x expert=4: Mosaic TPU kernels, compiled by libtpu."""
-    _require_compiler("v5p:2x2x2")
+    require_compiler("v5p:2x2x2")
     _check_plan("v5p:2x2x2", "data=2,expert=4", "TPU v5", 95, {"tpu_custom_call"})
 
 
 def test_plan_compiles_train_and_decode_steps_for_an_h200_node():
     """h200:1x8 (one host, 8 GPUs), data=2 x expert=4: Pallas GPU kernels, compiled to sm_90a."""
-    _require_compiler("h200:1x8")
+    require_compiler("h200:1x8")
     _check_plan("h200:1x8", "data=2,expert=4", "NVIDIA H200", 140.5, GPU_CALL_TARGETS)
 
 
@@ -111,7 +101,7 @@ def test_plan_compiles_train_and_decode_steps_for_an_h200_node():
 def test_topology_self_check_counts_a_hand_made_kernel_pair(spec):
     """The compiler plugin works and pallas_kernel_calls reads its HLO: a named forward kernel and
     its backward (under jax.grad) come back by name, whatever the model's kernels do."""
-    _require_compiler(spec)
+    require_compiler(spec)
     out = _run(["-m", "sharding.topology", spec], timeout=300)
     assert "self-check ok" in out and "selfcheck_forward x1" in out and "selfcheck_backward x1 (1 backward)" in out, out
     expected = "4 x TPU v5 lite on 1 host(s)" if spec.startswith("v5e") else "32 x NVIDIA H200 on 4 host(s)"

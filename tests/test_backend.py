@@ -8,6 +8,8 @@ import sys
 import jax
 import pytest
 
+from compilers import require_compiler
+
 from pallas_kernels import backend
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -56,14 +58,7 @@ print(before, in_mesh, backend.choose("op", "auto"), backend.choose("op", "palla
 def test_compile_only_accelerator_devices_get_their_kernels(spec, kernel):
     """On this CPU machine, a mesh over (or the default device set to) compile-only TPU / H200
     devices chooses the accelerator's kernels, though jax.default_backend() stays "cpu"."""
-    from sharding import topology
-
-    try:
-        topology.check_compiler_available(topology.parse_target(spec))
-    except topology.TopologyError as error:
-        if os.environ.get("LONGCAT_REQUIRE_AOT") == "1":
-            pytest.fail(str(error))
-        pytest.skip(str(error))
+    require_compiler(spec)
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     out = subprocess.run([sys.executable, "-c", CHILD, spec], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
