@@ -2,7 +2,7 @@
 and the typing a Pallas call needs inside `jax.shard_map`.
 
 Kernel choice follows the devices the computation is compiled for, not the process's default
-backend: a CPU machine compiling for a TPU pod or an H200 node (sharding.plan, AOT) must get the
+backend: a CPU machine compiling for a TPU pod or an H200 node (lite.plan, AOT) must get the
 accelerator's kernels, and a real accelerator host running a CPU mesh must not.
 """
 

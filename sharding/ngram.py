@@ -13,7 +13,7 @@ hashes them into flat rows, so the hash is fused at scale too and the exchange m
 token instead of S row ids. Every row has exactly one owner, so the sum adds zeros to the one real
 row (exact in any dtype). The backward pass transposes the same ops: all_gather of the cotangents,
 the gather's deterministic scatter-add into the local rows. Why this and not an id all-to-all: see
-the README's Sharding section (measured with `python -m sharding.bench_ngram`).
+the README's Sharding section (measured with `python benchmarks/ngram_sharding.py`).
 """
 
 from __future__ import annotations

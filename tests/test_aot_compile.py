@@ -1,4 +1,4 @@
-"""The accelerator program compiled whole, without the accelerator: `sharding.plan` compiles the
+"""The accelerator program compiled whole, without the accelerator: `lite.plan` compiles the
 training step and a decode step of a small model with expert parallelism for an 8-chip TPU v5p
 slice (libtpu) and for one 8 x H200 node (the CUDA plugin), and the compiled programs must contain
 the Pallas kernels: a compile that quietly fell back to XLA code fails here.
@@ -42,8 +42,8 @@ def _run(args: list[str], timeout: int = 600) -> str:
 
 
 def _plan(spec: str, mesh: str) -> tuple[str, str, str]:
-    """-> (header line, training step section, decode step section) of sharding.plan's report."""
-    out = _run(["-m", "sharding.plan", *SMALL_MODEL, "--topology", spec, "--mesh", mesh])
+    """-> (header line, training step section, decode step section) of lite.plan's report."""
+    out = _run(["-m", "lite.plan", *SMALL_MODEL, "--topology", spec, "--mesh", mesh])
     header, rest = out.split("\ntraining step", 1)
     train, decode = rest.split("\ndecode step", 1)
     return header, train, decode

@@ -1,6 +1,6 @@
 """Sharding: mesh specs and logical-axis rules here (one device); the 8-device comparisons run in
 their own process (XLA_FLAGS must be set before JAX starts). The TPU and H200 compiles of
-sharding.plan are in tests/test_aot_compile.py."""
+lite.plan are in tests/test_aot_compile.py."""
 
 import os
 import pathlib

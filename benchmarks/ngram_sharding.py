@@ -2,7 +2,7 @@
 + psum_scatter (what the model uses, sharding.ngram) vs an id all-to-all with dropless fixed-size
 buffers, on 8 fake CPU devices, for the demo preset's table at a larger --ngram-vocab-ratio.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m sharding.bench_ngram
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/ngram_sharding.py
 """
 
 from __future__ import annotations

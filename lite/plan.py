@@ -1,8 +1,8 @@
 """Compile the training step and a decode step for a TPU pod or an H200 node on this (CPU) machine,
 and show memory and the Pallas kernels each compiled program contains.
 
-    python -m sharding.plan --preset longcat-flash-lite --topology v5p:4x4x8 --mesh fsdp=16,expert=8
-    python -m sharding.plan --preset longcat-flash-lite --topology h200:4x8 --mesh fsdp=4,expert=8
+    python -m lite.plan --preset longcat-flash-lite --topology v5p:4x4x8 --mesh fsdp=16,expert=8
+    python -m lite.plan --preset longcat-flash-lite --topology h200:4x8 --mesh fsdp=4,expert=8
 
 Uses the real compilers through compile-only devices (sharding.topology): libtpu for TPU topologies
 (pip install "jax[tpu]" at the installed jax version), the CUDA PJRT plugin for `h200:HOSTSxGPUS`
