@@ -131,19 +131,6 @@ class ModelConfig:
     def jnp_compute_dtype(self):
         return jnp.dtype(self.compute_dtype)
 
-    @classmethod
-    def from_hf_config(cls, hf: dict, **overrides: Any) -> "ModelConfig":
-        """From a Hugging Face config.json dict (longcat_flash / longcat_flash_ngram); see lite/hf.py."""
-        from lite.hf import config_from_hf
-
-        return config_from_hf(hf, **overrides)
-
-    def to_hf_config(self) -> dict:
-        """A Hugging Face config.json dict; see lite/hf.py."""
-        from lite.hf import config_to_hf
-
-        return config_to_hf(self)
-
     def replace(self, **overrides: Any) -> "ModelConfig":
         _check_field_names(overrides)
         return dataclasses.replace(self, **overrides)

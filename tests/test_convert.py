@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 from lite import convert
 from lite.checkpoint import CheckpointError, load_model
 from lite.config import ConfigError, ModelConfig, YarnScaling, get_config
+from lite import hf as hf_lib
 from lite.hf import is_ignored_hf_key
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
@@ -140,7 +141,7 @@ def test_hf_layout_matches_hf_checkpoint_doc():
 
 def test_from_hf_config_reads_every_field():
     hf = json.loads((FIXTURES / "yarn" / "config.json").read_text())
-    cfg = ModelConfig.from_hf_config(hf)
+    cfg = hf_lib.config_from_hf(hf)
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads) == (128, 32, 2, 2)
     assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (16, 8, 8, 8, 8)
     assert (cfg.n_routed_experts, cfg.zero_expert_num, cfg.moe_topk, cfg.expert_ffn_hidden_size) == (4, 3, 3, 16)
@@ -148,7 +149,7 @@ def test_from_hf_config_reads_every_field():
     assert not cfg.has_ngram and cfg.param_dtype == "float32"
     assert cfg.rope_scaling == YarnScaling(factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
                                            beta_slow=1.0, mscale=1.0, mscale_all_dim=0.8)
-    lite = ModelConfig.from_hf_config(json.loads((FIXTURES / "ngram" / "config.json").read_text()))
+    lite = hf_lib.config_from_hf(json.loads((FIXTURES / "ngram" / "config.json").read_text()))
     assert (lite.ngram_n, lite.ngram_k, lite.ngram_vocab_ratio, lite.rope_scaling) == (3, 2, 2, None)
 
 
@@ -156,8 +157,8 @@ def test_legacy_and_v5_rope_forms_agree_and_absent_mscale_means_unused():
     base = json.loads((FIXTURES / "plain" / "config.json").read_text())
     base.pop("rope_parameters")
     yarn = {"factor": 8.0, "original_max_position_embeddings": 32}
-    legacy = ModelConfig.from_hf_config({**base, "rope_theta": 5e5, "rope_scaling": {"type": "yarn", **yarn}})
-    v5 = ModelConfig.from_hf_config({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, **yarn}})
+    legacy = hf_lib.config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": {"type": "yarn", **yarn}})
+    v5 = hf_lib.config_from_hf({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, **yarn}})
     assert legacy == v5 and legacy.rope_theta == 5e5
     # transformers treats absent mscale / mscale_all_dim as unset: attention factor 0.1 ln(8) + 1,
     # softmax scale unchanged.
@@ -166,29 +167,29 @@ def test_legacy_and_v5_rope_forms_agree_and_absent_mscale_means_unused():
     assert rope_frequencies(legacy)[1] == pytest.approx(0.1 * np.log(8.0) + 1)
     assert softmax_scale(legacy) == pytest.approx(legacy.qk_head_dim ** -0.5)
     # factor absent: max_position_embeddings / original (transformers' rule)
-    derived = ModelConfig.from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 16}})
+    derived = hf_lib.config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 16}})
     assert derived.rope_scaling.factor == base["max_position_embeddings"] / 16
 
 
 @pytest.mark.parametrize("preset", ["tiny", "demo", "longcat-flash-lite", "longcat-flash"])
 def test_config_round_trips_through_hf(preset):
     cfg = get_config(preset)
-    hf = cfg.to_hf_config()
+    hf = hf_lib.config_to_hf(cfg)
     assert hf["model_type"] == ("longcat_flash_ngram" if cfg.has_ngram else "longcat_flash")
     assert hf["num_hidden_layers"] == 2 * cfg.num_layers and hf["head_dim"] == cfg.qk_rope_head_dim
-    assert ModelConfig.from_hf_config(json.loads(json.dumps(hf))) == cfg
+    assert hf_lib.config_from_hf(json.loads(json.dumps(hf))) == cfg
     bare = {k: v for k, v in hf.items() if k != "lite"}  # a config written by someone else
-    assert ModelConfig.from_hf_config(bare).replace(name=cfg.name, compute_dtype=cfg.compute_dtype,
+    assert hf_lib.config_from_hf(bare).replace(name=cfg.name, compute_dtype=cfg.compute_dtype,
                                                     target_ffn_experts_per_token=cfg.target_ffn_experts_per_token,
                                                     router_bias_update_rate=cfg.router_bias_update_rate) == cfg
 
 
 def test_released_lite_config_shape():
     """The fields the released Lite config.json uses, with a v4-style rope and an eos list."""
-    hf = get_config("longcat-flash-lite").to_hf_config()
+    hf = hf_lib.config_to_hf(get_config("longcat-flash-lite"))
     hf.pop("lite"), hf.pop("num_layers")
     hf["eos_token_id"] = [2, 3]
-    cfg = ModelConfig.from_hf_config(hf)
+    cfg = hf_lib.config_from_hf(hf)
     assert cfg.num_layers == 14 and cfg.eos_token_id == 2 and cfg.target_ffn_experts_per_token == 8.0
     assert cfg.ngram_table_sizes[0] == 78 * 131072 + 1
 
@@ -204,12 +205,12 @@ def test_released_lite_config_shape():
 def test_bad_hf_config_is_a_clear_error(change, message):
     hf = {**json.loads((FIXTURES / "plain" / "config.json").read_text()), **change}
     with pytest.raises(ConfigError, match=message):
-        ModelConfig.from_hf_config(hf)
+        hf_lib.config_from_hf(hf)
 
 
 def test_amplified_embedding_cannot_be_exported():
     with pytest.raises(ConfigError, match="embedding_amplification='sqrt_d' has no Hugging Face"):
-        get_config("tiny", embedding_amplification="sqrt_d").to_hf_config()
+        hf_lib.config_to_hf(get_config("tiny", embedding_amplification="sqrt_d"))
 
 
 # ---------------------------------------------------------------------------------------------
