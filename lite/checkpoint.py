@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lite.config import ConfigError, ModelConfig, YarnScaling
+from lite.config import ModelConfig, YarnScaling, check_field_names
 from lite.model import LongcatModel
 
 CONFIG_FILE = "config.json"
@@ -43,11 +43,19 @@ def config_from_dict(d: dict) -> ModelConfig:
     d = dict(d)
     if d.get("rope_scaling") is not None:
         d["rope_scaling"] = YarnScaling(**d["rope_scaling"])
-    valid = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(d) - valid)
-    if unknown:
-        raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
+    check_field_names(d)
     return ModelConfig(**d)
+
+
+def check_tensor_names(expected, present, problem: str) -> None:
+    """CheckpointError "<problem>: missing tensors [...], unexpected tensors [...]" unless the two
+    name sets are equal (the first 8 of each shown)."""
+    missing, unexpected = sorted(set(expected) - set(present)), sorted(set(present) - set(expected))
+    if missing or unexpected:
+        def some(names):
+            return f"{names[:8]}{' ...' if len(names) > 8 else ''}"
+
+        raise CheckpointError(f"{problem}: missing tensors {some(missing)}, unexpected tensors {some(unexpected)}")
 
 
 def model_state_arrays(model: nnx.Module) -> dict[str, jax.Array]:
@@ -71,11 +79,7 @@ def model_from_arrays(cfg: ModelConfig, arrays: dict[str, np.ndarray]) -> Longca
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = nnx.to_flat_state(state)
     expected = {".".join(map(str, path)) for path, _ in flat}
-    missing, unexpected = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match the model config: missing tensors {missing[:8]}"
-                              f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
-                              f"{' ...' if len(unexpected) > 8 else ''}")
+    check_tensor_names(expected, arrays, "checkpoint does not match the model config")
     for path, leaf in flat:
         name = ".".join(map(str, path))
         value = arrays[name]

@@ -29,7 +29,7 @@ import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy, which safetensor
 import numpy as np
 
 from lite import hf as hf_lib
-from lite.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_directory, config_to_dict,
+from lite.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_directory, check_tensor_names, config_to_dict,
                              load_config, state_shapes)
 from lite.config import ConfigError, ModelConfig
 
@@ -219,11 +219,7 @@ def _check_hf_keys(source: SafetensorsDir, cfg: ModelConfig, layout: dict[str, l
     """Every key of the layout present with the right shape, nothing else (ignored keys aside)."""
     expected = {piece.hf_key: (name, piece) for name, pieces in layout.items() for piece in pieces}
     present = {key for key in source.meta if not hf_lib.is_ignored_hf_key(key, cfg)}
-    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"Hugging Face checkpoint does not match its config.json: "
-                              f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                              f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    check_tensor_names(expected, present, "Hugging Face checkpoint does not match its config.json")
     for key, (name, piece) in expected.items():
         want = _piece_shape(shapes[name].shape, piece.index, piece.transpose)
         if source.shape(key) != want:
@@ -331,11 +327,7 @@ def to_hf(our_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_b
     layout = hf_lib.tensor_layout(cfg)
     _check_layout(layout, shapes)
     source = SafetensorsDir(our_dir)
-    missing = sorted(set(shapes) - set(source.meta))
-    unexpected = sorted(set(source.meta) - set(shapes))
-    if missing or unexpected:
-        raise CheckpointError(f"{our_dir} does not match its config.json: missing tensors {missing[:8]}, "
-                              f"unexpected tensors {unexpected[:8]}")
+    check_tensor_names(shapes, source.meta, f"{our_dir} does not match its config.json")
     for name, want in shapes.items():
         if source.shape(name) != tuple(want.shape):
             raise CheckpointError(f"tensor {name}: checkpoint has shape {source.shape(name)}, "

@@ -15,7 +15,7 @@ import dataclasses
 import re
 from typing import Any
 
-from lite.config import ConfigError, ModelConfig, YarnScaling
+from lite.config import ConfigError, ModelConfig, YarnScaling, check_field_names
 
 MODEL_TYPE_PLAIN = "longcat_flash"
 MODEL_TYPE_NGRAM = "longcat_flash_ngram"
@@ -140,11 +140,8 @@ def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
                       ngram_vocab_ratio=int(_get(hf, "ngram_vocab_size_ratio")), embedding_amplification="none")
     extra = hf.get(EXTRA_KEY) or {}
     fields.update({k: v for k, v in extra.items() if k in _EXTRA_FIELDS})
+    check_field_names(overrides)
     fields.update(overrides)
-    valid = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
     return ModelConfig(**fields)
 
 
