@@ -132,13 +132,14 @@ class ModelConfig:
         return jnp.dtype(self.compute_dtype)
 
     def replace(self, **overrides: Any) -> "ModelConfig":
-        _check_field_names(overrides)
+        check_field_names(overrides)
         return dataclasses.replace(self, **overrides)
 
 
-def _check_field_names(overrides: dict[str, Any]) -> None:
+def check_field_names(names) -> None:
+    """One clear error for names that are not ModelConfig fields (overrides, config.json keys)."""
     valid = [f.name for f in dataclasses.fields(ModelConfig)]
-    unknown = sorted(set(overrides) - set(valid))
+    unknown = sorted(set(names) - set(valid))
     if unknown:
         raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {', '.join(valid)}")
 
