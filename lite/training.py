@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -228,6 +228,23 @@ def make_eval_step(graphdef: nnx.GraphDef):
         return loss * count, count.astype(jnp.float32)
 
     return eval_step
+
+
+def evaluate(eval_step: Callable, state: TrainState, tokens: np.ndarray, segment_ids: np.ndarray, batch_size: int,
+             to_device: Callable[..., Sequence[jax.Array]] | None = None) -> float:
+    """Mean next-token NLL per target (nats) over packed rows tokens, segment_ids int32[R, L].
+
+    The rows go to `eval_step` (make_eval_step's, jitted) `batch_size` at a time and its summed NLLs
+    and target counts are added up on the host: padding rows (segment 0) hold no targets.
+    `to_device(tokens, segment_ids)` places each batch (train.py: one global array from every
+    process's rows); without it the NumPy rows are passed as they are.
+    """
+    total = count = 0.0
+    for i in range(0, len(tokens), batch_size):
+        batch = (tokens[i: i + batch_size], segment_ids[i: i + batch_size])
+        nll, targets = eval_step(state, *(to_device(*batch) if to_device else batch))
+        total, count = total + float(nll), count + float(targets)
+    return total / max(count, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 
 from lite.config import get_config
 from lite.data import (DataError, KJV_VALIDATION_BOOKS, encode_documents, kjv_corpus, kjv_path, load_corpus,
-                       load_tokenizer, packed_rows, training_batches, unigram_entropy, validation_rows_for_process)
+                       load_tokenizer, packed_rows, train_tokenizer, training_batches, unigram_entropy,
+                       validation_rows_for_process)
 
 
 def make_docs(count: int, seed: int = 0) -> list[np.ndarray]:
@@ -175,15 +176,13 @@ def test_kjv_holds_out_whole_books():
 
 
 def test_tokenizer_trained_once_cached_and_round_trips(tmp_path):
-    import sentencepiece as spm
-
     cfg = get_config("tiny")
     texts = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(200)]
-    path = load_tokenizer(texts, cfg, tmp_path)
+    path = train_tokenizer(texts, cfg, tmp_path)
     mtime = path.stat().st_mtime_ns
-    assert load_tokenizer(texts, cfg, tmp_path) == path and path.stat().st_mtime_ns == mtime
-    assert load_tokenizer(texts[:-1], cfg, tmp_path) != path  # another corpus: another tokenizer
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    assert train_tokenizer(texts, cfg, tmp_path) == path and path.stat().st_mtime_ns == mtime
+    assert train_tokenizer(texts[:-1], cfg, tmp_path) != path  # another corpus: another tokenizer
+    sp = load_tokenizer(path)
     assert sp.get_piece_size() <= cfg.vocab_size
     assert (sp.bos_id(), sp.eos_id()) == (cfg.bos_token_id, cfg.eos_token_id)
     assert sp.decode(sp.encode(texts[3])) == texts[3]

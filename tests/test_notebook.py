@@ -10,11 +10,10 @@ import re
 
 import nbformat
 import pytest
-import sentencepiece as spm
 from nbclient import NotebookClient
 
 from lite.config import get_config
-from lite.data import kjv_corpus, load_tokenizer
+from lite.data import kjv_corpus, load_tokenizer, train_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "demo.ipynb"
@@ -88,7 +87,7 @@ def test_notebook_is_saved_without_outputs():
 def test_ngram_id_table_matches_the_hash_formula(executed, tokenizer_cache):
     cfg = get_config(PRESET)
     sentence, header, *rows = text(executed["ngram-ids"]).strip().splitlines()
-    tokenizer = spm.SentencePieceProcessor(model_file=str(load_tokenizer(kjv_corpus().train, cfg, tokenizer_cache)))
+    tokenizer = load_tokenizer(train_tokenizer(kjv_corpus().train, cfg, tokenizer_cache))
     tokens = [cfg.bos_token_id] + tokenizer.encode(sentence)
     assert cfg.eos_token_id not in tokens and len(rows) == len(tokens)
     expected = reference_ngram_ids(tokens, cfg.vocab_size, cfg.ngram_n, cfg.ngram_k, cfg.ngram_vocab_ratio)

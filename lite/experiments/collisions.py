@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from lite.config import get_config
+from lite.data import encode_documents, kjv_corpus, load_tokenizer, train_tokenizer
 
 
 def distinct_windows(docs: list[np.ndarray], order: int, eos_token_id: int) -> np.ndarray:
@@ -147,13 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "longcat-lite"))
     args = parser.parse_args(argv)
 
-    import sentencepiece as spm
-
-    from lite.data import encode_documents, kjv_corpus, load_tokenizer
-
     cfg = get_config("demo", vocab_size=args.vocab_size)
     corpus = kjv_corpus()
-    tokenizer = spm.SentencePieceProcessor(model_file=str(load_tokenizer(corpus.train, cfg, args.cache_dir)))
+    tokenizer = load_tokenizer(train_tokenizer(corpus.train, cfg, args.cache_dir))
     docs = encode_documents(tokenizer, corpus.train, cfg)
     ratios = [float(r) for r in args.ratios.split(",")]
     results = study(docs, args.vocab_size, cfg.eos_token_id, args.max_order, ratios)

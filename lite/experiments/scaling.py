@@ -28,11 +28,17 @@ import math
 import pathlib
 import sys
 import time
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lite.config import ModelConfig, get_config
+from lite.data import (encode_documents, kjv_corpus, load_corpus, load_tokenizer, packed_rows, train_tokenizer,
+                       training_batches, unigram_entropy, validation_rows_for_process)
 from lite.params import ParamCounts, count_params
+from lite.training import TrainConfig, evaluate, init_state, make_eval_step, make_train_step, parse_overrides
 
 # The base MoE: the demo preset at half the width. Zero experts are off so that activated
 # parameters stay constant; the N-gram points use sqrt(D) amplification, the paper's advice
@@ -83,17 +89,28 @@ def sweep_points(base: ModelConfig, ngram_ratios: list[int]) -> list[SweepPoint]
 
 
 # ---------------------------------------------------------------------------------------------
-# One training run.
+# The data, and one training run.
 
-def train_point(point: SweepPoint, tcfg, train_docs, validation, say=print) -> dict:
+class SweepData(NamedTuple):
+    """The corpus every point trains on, tokenized once for the whole sweep."""
+    corpus_name: str
+    train_docs: list[np.ndarray]  # int32 [BOS] + tokens + [EOS] per document
+    validation: tuple[np.ndarray, np.ndarray]  # tokens, segment_ids int32[R, seq_len]: whole batches, padded
+
+
+def sweep_data(args: argparse.Namespace, base: ModelConfig) -> SweepData:
+    """--data (default KJV) with its cached BPE tokenizer: training documents, packed validation rows."""
+    corpus = kjv_corpus() if args.data is None else load_corpus(args.data)
+    tokenizer = load_tokenizer(train_tokenizer(corpus.train, base, args.cache_dir))
+    val_docs = encode_documents(tokenizer, corpus.validation, base)
+    validation = validation_rows_for_process(*packed_rows(val_docs, args.seq_len), args.batch_size, 0, 1)
+    return SweepData(corpus.name, encode_documents(tokenizer, corpus.train, base), validation)
+
+
+def train_point(point: SweepPoint, tcfg: TrainConfig, train_docs: list[np.ndarray],
+                validation: tuple[np.ndarray, np.ndarray], say=print) -> dict:
     """Train `point` for tcfg.steps from seed tcfg.seed; the mean training loss over the last tenth
     of the steps and the validation loss at the end."""
-    import jax
-    import jax.numpy as jnp
-
-    from lite.data import training_batches
-    from lite.training import init_state, make_eval_step, make_train_step
-
     start = time.time()
     cfg = point.config
     graphdef, state, tx = init_state(cfg, tcfg)
@@ -110,12 +127,8 @@ def train_point(point: SweepPoint, tcfg, train_docs, validation, say=print) -> d
             say(f"    step {step}/{tcfg.steps} loss {float(losses[-1]):.3f} ({time.time() - start:.0f} s)")
     tail = max(tcfg.steps // 10, 1)
     train_loss = float(np.mean(jax.device_get(losses[-tail:])))
-    tokens, segment_ids = validation
-    nll = count = 0.0
-    for i in range(0, len(tokens), tcfg.batch_size):
-        batch_nll, batch_count = eval_step(state, tokens[i: i + tcfg.batch_size], segment_ids[i: i + tcfg.batch_size])
-        nll, count = nll + float(batch_nll), count + float(batch_count)
-    return dict(train_loss=train_loss, val_loss=nll / max(count, 1.0), seconds=round(time.time() - start, 1))
+    val_loss = evaluate(eval_step, state, *validation, tcfg.batch_size)
+    return dict(train_loss=train_loss, val_loss=val_loss, seconds=round(time.time() - start, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +254,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def base_config(args: argparse.Namespace) -> ModelConfig:
-    from lite.training import TrainConfig, parse_overrides
-
     base = get_config(args.preset, **SWEEP_BASE)
     model_over, train_over = parse_overrides(args.set, base, TrainConfig())
     if train_over:
@@ -250,37 +261,10 @@ def base_config(args: argparse.Namespace) -> ModelConfig:
     return base.replace(**model_over)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    base = base_config(args)
-    points = sweep_points(base, [int(r) for r in args.ngram_ratios.split(",")])
-    seeds = [int(s) for s in args.seeds.split(",")]
-
-    import sentencepiece as spm
-
-    from lite.data import (encode_documents, kjv_corpus, load_corpus, load_tokenizer, packed_rows,
-                           unigram_entropy, validation_rows_for_process)
-    from lite.training import TrainConfig
-
-    corpus = kjv_corpus() if args.data is None else load_corpus(args.data)
-    tokenizer = spm.SentencePieceProcessor(model_file=str(load_tokenizer(corpus.train, base, args.cache_dir)))
-    train_docs = encode_documents(tokenizer, corpus.train, base)
-    validation = validation_rows_for_process(*packed_rows(encode_documents(tokenizer, corpus.validation, base),
-                                                          args.seq_len), args.batch_size, 0, 1)
-    train_tokens = sum(map(len, train_docs))
-    settings = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                    learning_rate=args.learning_rate, corpus=corpus.name, train_tokens=train_tokens,
-                    base=dataclasses.asdict(base))
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_file = out / "results.jsonl"
-    runs = read_results(results_file, settings)
-
-    tokens_per_run = args.steps * args.batch_size * args.seq_len
-    print(f"{corpus.name}: {train_tokens:,} training tokens, unigram entropy "
-          f"{unigram_entropy(train_docs, base.vocab_size):.3f} nats; every run trains on {tokens_per_run:,} tokens "
-          f"({tokens_per_run / train_tokens:.2f} epochs)")
-    print(format_table(summarize(points, runs)))
+def train_missing(points: list[SweepPoint], seeds: list[int], runs: list[dict], args: argparse.Namespace,
+                  data: SweepData, settings: dict, results_file: pathlib.Path) -> float:
+    """Train every (point, seed) not in `runs` yet, appending each finished run to `runs` and to
+    results_file as it ends (an interrupted sweep loses at most the run in progress); the seconds spent."""
     todo = [(p, s) for s in seeds for p in points if not any(r["label"] == p.label and r["seed"] == s for r in runs)]
     print(f"\n{len(todo)} of {len(points) * len(seeds)} runs to train ({len(seeds)} seeds); results go to {results_file}")
     sweep_start = time.time()
@@ -290,23 +274,47 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (sweep ETA {eta / 60:.0f} min)" if math.isfinite(eta) else ""), flush=True)
         tcfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                            learning_rate=args.learning_rate, seed=seed)
-        result = train_point(point, tcfg, train_docs, validation, say=lambda line: print(line, flush=True))
+        result = train_point(point, tcfg, data.train_docs, data.validation, say=lambda line: print(line, flush=True))
         run = dict(label=point.label, seed=seed, **result, settings=settings)
         print(f"    validation loss {run['val_loss']:.3f}, training loss {run['train_loss']:.3f} "
               f"in {run['seconds']:.0f} s", flush=True)
         with open(results_file, "a") as f:  # one whole line per finished run
             f.write(json.dumps(run) + "\n")
         runs.append(run)
+    return time.time() - sweep_start
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = base_config(args)
+    points = sweep_points(base, [int(r) for r in args.ngram_ratios.split(",")])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    data = sweep_data(args, base)
+    train_tokens = sum(map(len, data.train_docs))
+    settings = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                    learning_rate=args.learning_rate, corpus=data.corpus_name, train_tokens=train_tokens,
+                    base=dataclasses.asdict(base))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.jsonl"
+    runs = read_results(results_file, settings)
+
+    tokens_per_run = args.steps * args.batch_size * args.seq_len
+    print(f"{data.corpus_name}: {train_tokens:,} training tokens, unigram entropy "
+          f"{unigram_entropy(data.train_docs, base.vocab_size):.3f} nats; every run trains on {tokens_per_run:,} "
+          f"tokens ({tokens_per_run / train_tokens:.2f} epochs)")
+    print(format_table(summarize(points, runs)))
+    training_s = train_missing(points, seeds, runs, args, data, settings, results_file)
 
     rows = summarize(points, runs)
     activated = rows[0]["activated"]
-    title = (f"{corpus.name}: {activated / 1e6:.2f}M activated parameters, {tokens_per_run / 1e6:.2f}M training "
-             f"tokens per run, seeds {args.seeds}")
+    title = (f"{data.corpus_name}: {activated / 1e6:.2f}M activated parameters, {tokens_per_run / 1e6:.2f}M "
+             f"training tokens per run, seeds {args.seeds}")
     plot(rows, out / "scaling.png", title)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     print("\n" + format_table(rows) + "\n")
     print("\n".join(compare_pairs(rows)))
-    print(f"\nwrote {out / 'scaling.png'}, {out / 'summary.json'} ({time.time() - sweep_start:.0f} s of training "
+    print(f"\nwrote {out / 'scaling.png'}, {out / 'summary.json'} ({training_s:.0f} s of training "
           "in this invocation)")
     return 0
 
