@@ -43,8 +43,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lite.config import get_config  # noqa: E402
-from lite.decode import DecodeCache, decode_step  # noqa: E402
-from lite.model import LongcatModel  # noqa: E402
+from lite.model import DecodeCache, LongcatModel  # noqa: E402
 from lite.training import TrainConfig, TrainState, flops_per_token, make_train_step, optimizer, peak_flops  # noqa: E402
 from pallas_kernels import backend as kernel_backend  # noqa: E402
 from pallas_kernels.ngram_gather import kernel_ngram_gather, ngram_gather  # noqa: E402
@@ -139,7 +138,7 @@ def decode_programs(quick: bool) -> list[Program]:
 
     @jax.jit
     def step(state, cache, tokens):
-        return decode_step(nnx.merge(graphdef, state), cache, tokens)
+        return nnx.merge(graphdef, state).decode_step(cache, tokens)
 
     programs = []
     for batch in (1, 8, 64):

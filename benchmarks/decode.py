@@ -5,8 +5,9 @@
 
 Table 1 (the preset, random weights): prefill and decode tokens/s, greedy, prompts of different
 lengths (16..64 tokens, packed into rows of 64), `--steps` decode steps in one compiled loop
-(lite.decode.prefill and decode_step). The same loop is compiled a second time with `NgramEmbedding.step` replaced by a
-plain token-embedding lookup; the N-gram share of a step is 1 - (plain step time / full step time).
+(`LongcatModel.prefill` and `decode_step`). The same loop is compiled a second time with
+`NgramEmbedding.step` replaced by a plain token-embedding lookup; the N-gram share of a step is
+1 - (plain step time / full step time).
 
 Table 2 (when torch and transformers are importable; never a project dependency): generation of
 `--steps` new tokens after the same prompts with the `tiny` config, ours (prefill + decode loop;
@@ -30,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lite import decode
 from lite.config import get_config
-from lite.model import LongcatModel
+from lite.decode import greedy
+from lite.model import LongcatModel, PackedPrompts, pack_prompts
 from lite.ngram import NgramEmbedding
 
 
@@ -41,31 +42,31 @@ def plain_embedding_step(self: NgramEmbedding, new_tokens: jax.Array, cache: jax
     return jnp.take(self.token_table[...], new_tokens, axis=0).astype(self.cfg.jnp_compute_dtype), cache
 
 
-def prompts_for(batch: int, cfg, seed: int = 0) -> tuple[list[list[int]], decode.PackedPrompts]:
+def prompts_for(batch: int, cfg, seed: int = 0) -> tuple[list[list[int]], PackedPrompts]:
     """Random prompts of 16..64 tokens, each starting with BOS, and the same packed into rows of 64
     as serve.py packs them."""
     rng = np.random.default_rng(seed)
     prompts = [[cfg.bos_token_id] + rng.integers(3, cfg.vocab_size, n - 1).tolist() for n in rng.integers(16, 65, batch)]
-    return prompts, decode.PackedPrompts(*map(jnp.asarray, decode.pack_prompts(prompts, 64)))
+    return prompts, PackedPrompts(*map(jnp.asarray, pack_prompts(prompts, 64)))
 
 
-def compile_loop(model: LongcatModel, prompts: decode.PackedPrompts, steps: int, *, plain_embedding: bool = False):
+def compile_loop(model: LongcatModel, prompts: PackedPrompts, steps: int, *, plain_embedding: bool = False):
     """AOT-compiled (prefill, decode loop of `steps` greedy steps) for these packed prompts' shapes."""
     graphdef, state = nnx.split(model)
     cache_len = prompts.tokens.shape[1] + steps
 
     def run_prefill(state, prompts):
-        logits, cache = decode.prefill(nnx.merge(graphdef, state), prompts, cache_len)
-        return decode.greedy(logits), cache
+        logits, cache = nnx.merge(graphdef, state).prefill(prompts, cache_len)
+        return greedy(logits), cache
 
     def run_decode(state, first, cache):
         m = nnx.merge(graphdef, state)
-        layers = decode.unstack_layers(m)
+        layers = m.unstack_layers()
 
         def body(_, carry):
             token, cache = carry
-            logits, cache = decode.decode_step(m, cache, token, layers)
-            return decode.greedy(logits), cache
+            logits, cache = m.decode_step(cache, token, layers)
+            return greedy(logits), cache
 
         return jax.lax.fori_loop(0, steps, body, (first, cache))
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 AMPLIFICATION_MODES = ("none", "sqrt_d", "layernorm")
 DTYPES = ("float32", "bfloat16", "float16")
+EXPERT_DISPATCHES = ("auto", "capacity", "ragged")  # meanings: sharding/expert_parallel.py
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,11 @@ class ModelConfig:
     # The router bias steers the average number of FFN experts per token toward this target.
     target_ffn_experts_per_token: float = 1.0
     router_bias_update_rate: float = 1e-3
+    # Expert parallelism on a mesh with an `expert` axis (sharding/expert_parallel.py; not exported to
+    # Hugging Face configs): how routed slots travel to their experts' devices, and the capacity-
+    # dispatch buffer size as a multiple of the balanced load.
+    expert_dispatch: str = "auto"
+    expert_capacity_factor: float = 2.0
     # N-gram embedding (HF emb_neighbor_num, emb_split_num, ngram_vocab_size_ratio); 0 disables it.
     ngram_n: int = 3
     ngram_k: int = 2
@@ -165,6 +171,10 @@ def _validate(c: ModelConfig) -> None:
     need(c.zero_expert_num > 0 or c.target_ffn_experts_per_token == c.moe_topk,
          "without zero experts every token uses moe_topk FFN experts: "
          f"set target_ffn_experts_per_token={c.moe_topk}")
+    need(c.expert_dispatch in EXPERT_DISPATCHES,
+         f"expert_dispatch must be one of {EXPERT_DISPATCHES}, got {c.expert_dispatch!r}")
+    need(isinstance(c.expert_capacity_factor, (int, float)) and c.expert_capacity_factor > 0,
+         f"expert_capacity_factor must be > 0, got {c.expert_capacity_factor!r}")
     for i, token in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id)):
         need(0 <= token < c.vocab_size, f"{i}={token} must lie in [0, vocab_size={c.vocab_size})")
     need(c.embedding_amplification in AMPLIFICATION_MODES,

@@ -1,17 +1,15 @@
-"""Batch decoding: one prefill of the whole batch, then a compiled decode loop over fixed shapes.
+"""Batch generation: one prefill of the whole batch, then a compiled decode loop over fixed shapes.
 
-The cache holds, per token and per attention block, only what MLA needs (ARCHITECTURE.md section 5):
-one row of the normalised kv latent (kv_lora numbers) followed by the rotated RoPE key (qk_rope
-numbers); kv_b is absorbed into the query and output side (`MLAttention.decode`). The N-gram
-embedding keeps the last N-1 tokens per sequence (section 8, `lite.ngram.ngram_step`).
+The model owns its modes (lite/model.py: `LongcatModel.prefill`, `LongcatModel.decode_step`, the
+`DecodeCache` and the packed prompt layout `PackedPrompts` / `pack_prompts`); this module samples from
+their logits (`Sampling`, `filter_logits`, `greedy`, `sample`) and runs them in a loop (`Generator`).
 
-Prefill packs the prompts into rows (`pack_prompts`), each prompt its own segment, so that it
-computes no padding between them and nothing crosses from one prompt to another (attention, positions,
-the N-gram hash). The cache is per prompt: row b holds its prompt in [0, lengths[b]) and the slots
-past lengths[b] are never attended to. Shapes are bucketed (batch, prompt length, cache length and
-the new-token buffer rounded up to powers of two, packed rows to a multiple of 8) and every compiled
-program is kept, so batches of the same bucket never recompile. `prefill` and `decode_step` are pure
-functions of (model, cache, tokens).
+Prefill gets the prompts packed into rows, each prompt its own segment, so that it computes no
+padding between them and nothing crosses from one prompt to another (attention, positions, the
+N-gram hash). The cache is per prompt: row b holds its prompt in [0, lengths[b]) and the slots past
+lengths[b] are never attended to. Shapes are bucketed (batch, prompt length, cache length and the
+new-token buffer rounded up to powers of two, packed rows to a multiple of 8) and every compiled
+program is kept, so batches of the same bucket never recompile.
 """
 
 from __future__ import annotations
@@ -27,112 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lite.attention import attention_mask
 from lite.config import ModelConfig
-from lite.model import LongcatModel, ShortcutLayer, positions_from_segments
-from lite.ngram import ngram_cache
-from lite.rope import rope_angles
+from lite.model import DecodeCache, LongcatModel, PackedPrompts, pack_prompts
+from sharding.rules import state_shardings
 
 
 class DecodeError(ValueError):
     """Bad generation input (prompts, sampling settings); the message says which and why."""
-
-
-class DecodeCache(NamedTuple):
-    # One array per attention block (layer l: 2l and 2l + 1), [B, T, kv_lora + qk_rope] rows of
-    # `MLAttention.cache_entries`. Not one stacked array: the decode step reads and appends to each in
-    # place, where slicing a stacked cache would copy every block's cache every step.
-    kv: tuple[jax.Array, ...]
-    lengths: jax.Array  # int32[B]: valid entries per row = position of the next token
-    ngram: jax.Array  # int32[B, N-1]: the N-gram cache (width 0 without an N-gram embedding)
-
-
-class PackedPrompts(NamedTuple):
-    """A batch of prompts packed into rows: prompt b is tokens[row[b], start[b]: start[b] + lengths[b]].
-    Built on the host by `pack_prompts`."""
-
-    tokens: jax.Array  # int32[R, W]
-    segment_ids: jax.Array  # int32[R, W]: b + 1 where prompt b lies, 0 on padding
-    row: jax.Array  # int32[B]
-    start: jax.Array  # int32[B]
-    lengths: jax.Array  # int32[B], each >= 1
-
-
-def pack_prompts(prompts: Sequence[Sequence[int]], width: int, row_multiple: int = 8) -> PackedPrompts:
-    """NumPy: prompts of at most `width` tokens packed first-fit decreasing into rows of `width`, so that
-    prefill computes padding only at the ends of rows (64 prompts of 16..64 tokens: 46 rows of 64).
-    The row count is rounded up to a multiple of row_multiple (fewer compiled shapes), but never past
-    len(prompts), one row each."""
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    if not 1 <= lengths.min() <= lengths.max() <= width:
-        raise DecodeError(f"prompts must have 1..{width} tokens to be packed into rows of {width}, "
-                          f"got {lengths.min()}..{lengths.max()}")
-    row, start = np.zeros(len(prompts), np.int32), np.zeros(len(prompts), np.int32)
-    used: list[int] = []  # tokens per row so far
-    for b in np.argsort(-lengths, kind="stable"):
-        row[b] = next((r for r, n in enumerate(used) if n + lengths[b] <= width), len(used))
-        if row[b] == len(used):
-            used.append(0)
-        start[b], used[row[b]] = used[row[b]], used[row[b]] + lengths[b]
-    num_rows = min(-(-len(used) // row_multiple) * row_multiple, len(prompts))
-    tokens, segment_ids = np.zeros((num_rows, width), np.int32), np.zeros((num_rows, width), np.int32)
-    for b, prompt in enumerate(prompts):
-        tokens[row[b], start[b]: start[b] + lengths[b]] = prompt
-        segment_ids[row[b], start[b]: start[b] + lengths[b]] = b + 1
-    return PackedPrompts(tokens, segment_ids, row, start, lengths)
-
-
-def prefill(model: LongcatModel, prompts: PackedPrompts, cache_len: int) -> tuple[jax.Array, DecodeCache]:
-    """-> (float32[B, V] logits for the token after each prompt, the cache with room for cache_len >= W
-    tokens per prompt). Each prompt is its own segment: attention, positions and the N-gram hash never
-    cross into its neighbours or the padding."""
-    cfg = model.cfg
-    tokens, segment_ids, lengths = prompts.tokens, prompts.segment_ids, prompts.lengths.astype(jnp.int32)
-    width = tokens.shape[1]
-    cos, sin = rope_angles(positions_from_segments(segment_ids), cfg)
-    mask, token_mask = attention_mask(segment_ids), segment_ids > 0
-    graphdef, layer_state = nnx.split(model.layers)
-
-    def apply_layer(h, state):
-        return nnx.merge(graphdef, state).prefill(h, cos, sin, mask, token_mask)
-
-    h, entries = jax.lax.scan(apply_layer, model.embed(tokens, segment_ids), layer_state)  # [L, 2, R, W, .]
-    logits = model.lm_head(model.final_norm(h[prompts.row, prompts.start + lengths - 1])).astype(jnp.float32)
-    # Unpacked, [B, W] right-padded (past a prompt's end: its neighbours' entries, never attended to).
-    columns = jnp.minimum(prompts.start[:, None] + jnp.arange(width), width - 1)
-    unpack = prompts.row[:, None] * width + columns  # indices into the R * W packed tokens
-    room = ((0, 0), (0, cache_len - width), (0, 0))  # [B, W, .] -> [B, T, .]
-    kv = tuple(jnp.pad(entries[layer, block].reshape(-1, entries.shape[-1])[unpack], room)
-               for layer in range(cfg.num_layers) for block in range(2))
-    if cfg.has_ngram:
-        own_segment = (jnp.arange(width) < lengths[:, None]).astype(jnp.int32)
-        ngram = ngram_cache(tokens.reshape(-1)[unpack], cfg, own_segment, lengths)
-    else:
-        ngram = jnp.zeros((lengths.shape[0], 0), jnp.int32)
-    return logits, DecodeCache(kv, lengths, ngram)
-
-
-def unstack_layers(model: LongcatModel) -> list[ShortcutLayer]:
-    """model.layers as one module per layer. A decode loop makes them once, before it starts: inside
-    it, slicing the stacked weights would copy every layer's weights every step."""
-    graphdef, state = nnx.split(model.layers)
-    return [nnx.merge(graphdef, jax.tree.map(lambda w: w[layer], state)) for layer in range(model.cfg.num_layers)]
-
-
-def decode_step(model: LongcatModel, cache: DecodeCache, tokens: jax.Array,
-                layers: Sequence[ShortcutLayer] | None = None) -> tuple[jax.Array, DecodeCache]:
-    """tokens int32[B] at positions cache.lengths -> (float32[B, V] logits for the next token, the
-    cache with them appended). Requires cache.lengths < T. layers: `unstack_layers(model)`, made
-    outside a decode loop (default: made here)."""
-    cfg = model.cfg
-    x, ngram = model.embed.step(tokens, cache.ngram)  # [B, D]
-    cos, sin = rope_angles(cache.lengths, cfg)  # [B, rope/2]
-    kv = list(cache.kv)
-    # Unrolled rather than scanned, so that each block's cache is read and written in place.
-    for layer, module in enumerate(unstack_layers(model) if layers is None else layers):
-        x, kv[2 * layer: 2 * layer + 2] = module.decode(x, cos, sin, kv[2 * layer: 2 * layer + 2], cache.lengths)
-    logits = model.lm_head(model.final_norm(x)).astype(jnp.float32)
-    return logits, DecodeCache(tuple(kv), cache.lengths + 1, ngram)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +130,7 @@ def _usable(logits: jax.Array, vocab_limit: int | None) -> jax.Array:
 def _start(model: LongcatModel, prompts: PackedPrompts, limits: jax.Array, key: jax.Array, *,
            cache_len: int, max_new: int, sampling: Sampling, vocab_limit: int | None) -> Generation:
     """Prefill and sample the first token."""
-    logits, cache = prefill(model, prompts, cache_len)
+    logits, cache = model.prefill(prompts, cache_len)
     logits = _usable(logits, vocab_limit)
     batch = prompts.lengths.shape[0]
     gen = Generation(cache, jnp.full((batch, max_new), -1, jnp.int32), jnp.zeros((batch,), jnp.int32),
@@ -246,10 +145,10 @@ def _continue(model: LongcatModel, gen: Generation, limits: jax.Array, until: ja
     def running(gen):
         return (gen.step < until) & ~jnp.all(gen.done)
 
-    layers = unstack_layers(model)
+    layers = model.unstack_layers()  # once, outside the loop body (see `LongcatModel.unstack_layers`)
 
     def one_step(gen):
-        logits, cache = decode_step(model, gen.cache, gen.last, layers)
+        logits, cache = model.decode_step(gen.cache, gen.last, layers)
         # Finished rows keep their length, so their cache never grows past its bucket.
         cache = cache._replace(lengths=jnp.where(gen.done, gen.cache.lengths, cache.lengths))
         sampled = sample(_usable(logits, vocab_limit), jax.random.fold_in(gen.key, gen.step), sampling)
@@ -306,8 +205,6 @@ class Generator:
         self.cfg, self.mesh = model.cfg, mesh
         graphdef, self.state = nnx.split(model)
         if mesh is not None:
-            from sharding.rules import state_shardings
-
             self.state = jax.device_put(self.state, state_shardings(self.state, mesh))
         self._start = jax.jit(lambda state, *args, **kw: _start(nnx.merge(graphdef, state), *args,
                                                                 vocab_limit=vocab_limit, **kw),

@@ -1,24 +1,86 @@
-"""The LongCat-Flash(-Lite) language model: N-gram embedding, shortcut-connected MoE layers, head.
+"""The LongCat-Flash(-Lite) language model: N-gram embedding, shortcut-connected MoE layers, head,
+and its three modes:
+
+    model(tokens, segment_ids, positions)      the full forward (training, evaluation) -> ModelOutput
+    model.prefill(prompts, cache_len)          packed prompts -> DecodeOutput(logits, DecodeCache)
+    model.decode_step(cache, tokens, layers)   one new token per sequence -> DecodeOutput
+
+All three run the layer's one data flow (`ShortcutLayer.wire`); the full forward and prefill also
+share the input preamble (`layer_inputs`) and the layer scan (`LongcatModel.scan_layers`). Sampling
+and the generation loop built on prefill and the decode step live in lite/decode.py.
 
 Layers are created with `nnx.vmap` and applied with `jax.lax.scan`, so compile time does not grow
-with depth; every parameter of `model.layers` has a leading [num_layers] axis.
+with depth; every parameter of `model.layers` has a leading [num_layers] axis. The decode step is the
+exception: it unrolls the layers (see `decode_step`).
+
+The decode cache holds, per token and per attention block, only what MLA needs (ARCHITECTURE.md
+section 5): one row of the normalised kv latent (kv_lora numbers) followed by the rotated RoPE key
+(qk_rope numbers); kv_b is absorbed into the query and output side (`MLAttention.decode`). The N-gram
+embedding keeps the last N-1 tokens per sequence (section 8, `lite.ngram.ngram_step`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lite import moe as moe_lib
 from lite.attention import MLAttention, attention_mask
 from lite.config import ModelConfig
 from lite.layers import RMSNorm, SwiGLU, linear
-from lite.ngram import NgramEmbedding
+from lite.ngram import NgramEmbedding, ngram_cache
 from lite.rope import rope_angles
 
+
+# ---------------------------------------------------------------------------------------------
+# The input preamble of the full forward and prefill.
+
+class LayerInputs(NamedTuple):
+    """What every layer reads besides the hidden state; made once per forward from the token layout."""
+
+    cos: jax.Array  # float32[B, L, rope/2]: RoPE angles at each token's position
+    sin: jax.Array  # float32[B, L, rope/2]
+    mask: jax.Array  # bool[B, 1, L, L]: causal and within one segment
+    token_mask: jax.Array  # bool[B, L]: real tokens (padding is neither routed to experts nor counted)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """int32[B, L]: position within each segment (packed documents and left padding restart at 0)."""
+    length = segment_ids.shape[1]
+    index = jnp.arange(length, dtype=jnp.int32)
+    changed = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=True)
+    return index - jax.lax.cummax(jnp.where(changed, index, 0), axis=1)
+
+
+def layer_inputs(cfg: ModelConfig, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> LayerInputs:
+    """tokens int32[B, L]; segment_ids int32[B, L] (0 = padding, else document number; default: one
+    document per row); positions int32[B, L] (default: restart at every segment) -> LayerInputs."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    for name, value in (("segment_ids", segment_ids), ("positions", positions)):
+        if value is not None and value.shape != tokens.shape:
+            raise ValueError(f"{name} shape {value.shape} does not match tokens shape {tokens.shape}")
+    if segment_ids is None:
+        token_mask = jnp.ones(tokens.shape, bool)
+        mask = attention_mask(jnp.zeros(tokens.shape, jnp.int32))
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    else:
+        token_mask = segment_ids > 0
+        mask = attention_mask(segment_ids)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+    cos, sin = rope_angles(positions, cfg)
+    return LayerInputs(cos, sin, mask, token_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer.
 
 class ShortcutLayer(nnx.Module):
     """Two attention + dense MLP blocks; the MoE reads after the first attention, joins at the end.
@@ -38,11 +100,13 @@ class ShortcutLayer(nnx.Module):
         self.mlps = nnx.List([SwiGLU(cfg, cfg.ffn_hidden_size, rngs=rngs) for _ in range(2)])
         self.moe = moe_lib.MoE(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 token_mask: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def __call__(self, x: jax.Array, inputs: LayerInputs) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x [B, L, D] -> ([B, L, D], (float32[E + Z] routed slots per expert, float32[] slots dropped
         for expert capacity on a mesh))."""
-        out, routing, _ = self.wire(x, lambda i, y: (self.attns[i](y, cos, sin, mask), None), token_mask)
+        def attend(i, y):
+            return self.attns[i](y, inputs.cos, inputs.sin, inputs.mask), None
+
+        out, routing, _ = self.wire(x, attend, inputs.token_mask)
         return out, routing
 
     def wire(self, x: jax.Array, attend, token_mask: jax.Array):
@@ -56,21 +120,21 @@ class ShortcutLayer(nnx.Module):
         attended, kept0 = attend(0, self.attn_norms[0](x))
         h = x + attended
         u = self.mlp_norms[0](h)
-        moe_out, counts, dropped = self.moe.forward(u.reshape(-1, u.shape[-1]), token_mask.reshape(-1))
+        moe_out, counts, dropped = self.moe(u.reshape(-1, u.shape[-1]), token_mask.reshape(-1))
         h = h + self.mlps[0](u)
         attended, kept1 = attend(1, self.attn_norms[1](h))
         h = h + attended
         out = h + self.mlps[1](self.mlp_norms[1](h)) + moe_out.reshape(x.shape)
         return out, (counts, dropped), (kept0, kept1)
 
-    def prefill(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def prefill(self, x: jax.Array, inputs: LayerInputs) -> tuple[jax.Array, jax.Array]:
         """The full forward that also returns each block's decode cache rows:
         x [B, L, D] -> (out [B, L, D], [2, B, L, kv_lora + rope] `MLAttention.cache_entries`)."""
         def attend(i, y):  # cache_entries() repeats work inside attention; XLA's CSE merges the two
-            return self.attns[i](y, cos, sin, mask), self.attns[i].cache_entries(y, cos, sin)
+            return (self.attns[i](y, inputs.cos, inputs.sin, inputs.mask),
+                    self.attns[i].cache_entries(y, inputs.cos, inputs.sin))
 
-        out, _, kept = self.wire(x, attend, token_mask)
+        out, _, kept = self.wire(x, attend, inputs.token_mask)
         return out, jnp.stack(kept)
 
     def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, caches: tuple[jax.Array, jax.Array],
@@ -82,19 +146,89 @@ class ShortcutLayer(nnx.Module):
         return out, caches
 
 
+# ---------------------------------------------------------------------------------------------
+# What the modes take and give.
+
 class ModelOutput(NamedTuple):
+    """The full forward's result."""
+
     logits: jax.Array  # [B, L, V] in the compute dtype
     expert_counts: jax.Array  # float32[num_layers, E + Z]: routing slots per expert, padding excluded
     dropped_slots: jax.Array  # float32[num_layers]: routing slots dropped for expert capacity (sharding/)
 
 
-def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
-    """int32[B, L]: position within each segment (packed documents and left padding restart at 0)."""
-    length = segment_ids.shape[1]
-    index = jnp.arange(length, dtype=jnp.int32)
-    changed = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=True)
-    return index - jax.lax.cummax(jnp.where(changed, index, 0), axis=1)
+class PackedPrompts(NamedTuple):
+    """Prefill's input, a batch of prompts packed into rows: prompt b is
+    tokens[row[b], start[b]: start[b] + lengths[b]]. Built on the host by `pack_prompts`."""
 
+    tokens: jax.Array  # int32[R, W]
+    segment_ids: jax.Array  # int32[R, W]: b + 1 where prompt b lies, 0 on padding
+    row: jax.Array  # int32[B]
+    start: jax.Array  # int32[B]
+    lengths: jax.Array  # int32[B], each >= 1
+
+
+def pack_prompts(prompts: Sequence[Sequence[int]], width: int, row_multiple: int = 8) -> PackedPrompts:
+    """NumPy: prompts of at most `width` tokens packed first-fit decreasing into rows of `width`, so that
+    prefill computes padding only at the ends of rows (64 prompts of 16..64 tokens: 46 rows of 64).
+    The row count is rounded up to a multiple of row_multiple (fewer compiled shapes), but never past
+    len(prompts), one row each."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if not 1 <= lengths.min() <= lengths.max() <= width:
+        raise ValueError(f"prompts must have 1..{width} tokens to be packed into rows of {width}, "
+                         f"got {lengths.min()}..{lengths.max()}")
+    row, start = np.zeros(len(prompts), np.int32), np.zeros(len(prompts), np.int32)
+    used: list[int] = []  # tokens per row so far
+    for b in np.argsort(-lengths, kind="stable"):
+        row[b] = next((r for r, n in enumerate(used) if n + lengths[b] <= width), len(used))
+        if row[b] == len(used):
+            used.append(0)
+        start[b], used[row[b]] = used[row[b]], used[row[b]] + lengths[b]
+    num_rows = min(-(-len(used) // row_multiple) * row_multiple, len(prompts))
+    tokens, segment_ids = np.zeros((num_rows, width), np.int32), np.zeros((num_rows, width), np.int32)
+    for b, prompt in enumerate(prompts):
+        tokens[row[b], start[b]: start[b] + lengths[b]] = prompt
+        segment_ids[row[b], start[b]: start[b] + lengths[b]] = b + 1
+    return PackedPrompts(tokens, segment_ids, row, start, lengths)
+
+
+class DecodeCache(NamedTuple):
+    # One array per attention block (layer l: 2l and 2l + 1), [B, T, kv_lora + qk_rope] rows of
+    # `MLAttention.cache_entries`. Not one stacked array: the decode step reads and appends to each in
+    # place, where slicing a stacked cache would copy every block's cache every step.
+    kv: tuple[jax.Array, ...]
+    lengths: jax.Array  # int32[B]: valid entries per row = position of the next token
+    ngram: jax.Array  # int32[B, N-1]: the N-gram cache (width 0 without an N-gram embedding)
+
+
+class DecodeOutput(NamedTuple):
+    """What prefill and a decode step give the generation loop."""
+
+    logits: jax.Array  # float32[B, V]: for the token after each sequence
+    cache: DecodeCache  # with the tokens just read appended
+
+
+def prefill_cache(cfg: ModelConfig, prompts: PackedPrompts, entries: jax.Array, cache_len: int) -> DecodeCache:
+    """Prefill's packed cache rows entries [num_layers, 2, R, W, kv_lora + rope] -> the per-prompt cache:
+    row b holds prompt b in [0, lengths[b]), with room for cache_len >= W tokens, and the N-gram cache
+    after its last token. Slots past lengths[b] hold its neighbours' entries and zeros, never attended to."""
+    width = prompts.tokens.shape[1]
+    lengths = prompts.lengths.astype(jnp.int32)
+    columns = jnp.minimum(prompts.start[:, None] + jnp.arange(width), width - 1)
+    unpack = prompts.row[:, None] * width + columns  # int32[B, W]: indices into the R * W packed tokens
+    room = ((0, 0), (0, cache_len - width), (0, 0))  # [B, W, .] -> [B, T, .]
+    kv = tuple(jnp.pad(entries[layer, block].reshape(-1, entries.shape[-1])[unpack], room)
+               for layer in range(cfg.num_layers) for block in range(2))
+    if cfg.has_ngram:
+        own_segment = (jnp.arange(width) < lengths[:, None]).astype(jnp.int32)
+        ngram = ngram_cache(prompts.tokens.reshape(-1)[unpack], cfg, own_segment, lengths)
+    else:
+        ngram = jnp.zeros((lengths.shape[0], 0), jnp.int32)
+    return DecodeCache(kv, lengths, ngram)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
 
 class LongcatModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -114,33 +248,48 @@ class LongcatModel(nnx.Module):
                  positions: jax.Array | None = None) -> ModelOutput:
         """tokens int32[B, L]; segment_ids int32[B, L] (0 = padding, else document number);
         positions int32[B, L] (default: restart at every segment)."""
-        cfg = self.cfg
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
-        for name, value in (("segment_ids", segment_ids), ("positions", positions)):
-            if value is not None and value.shape != tokens.shape:
-                raise ValueError(f"{name} shape {value.shape} does not match tokens shape {tokens.shape}")
-        if segment_ids is None:
-            token_mask = jnp.ones(tokens.shape, bool)
-            mask = attention_mask(jnp.zeros(tokens.shape, jnp.int32))
-            if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        else:
-            token_mask = segment_ids > 0
-            mask = attention_mask(segment_ids)
-            if positions is None:
-                positions = positions_from_segments(segment_ids)
-        cos, sin = rope_angles(positions, cfg)  # [B, L, rope/2]
+        inputs = layer_inputs(self.cfg, tokens, segment_ids, positions)
+        h, (expert_counts, dropped_slots) = self.scan_layers(self.embed(tokens, segment_ids),
+                                                             lambda layer, h: layer(h, inputs))
+        return ModelOutput(self.lm_head(self.final_norm(h)), expert_counts, dropped_slots)
 
-        h = self.embed(tokens, segment_ids)
+    def prefill(self, prompts: PackedPrompts, cache_len: int) -> DecodeOutput:
+        """The full forward over packed prompts -> (float32[B, V] logits for the token after each
+        prompt, the cache with room for cache_len >= W tokens per prompt). Each prompt is its own
+        segment: attention, positions and the N-gram hash never cross into its neighbours or the padding."""
+        inputs = layer_inputs(self.cfg, prompts.tokens, prompts.segment_ids)
+        h, entries = self.scan_layers(self.embed(prompts.tokens, prompts.segment_ids),
+                                      lambda layer, h: layer.prefill(h, inputs))  # [R, W, D], [layers, 2, R, W, .]
+        last = h[prompts.row, prompts.start + prompts.lengths.astype(jnp.int32) - 1]  # [B, D]
+        logits = self.lm_head(self.final_norm(last)).astype(jnp.float32)
+        return DecodeOutput(logits, prefill_cache(self.cfg, prompts, entries, cache_len))
+
+    def decode_step(self, cache: DecodeCache, tokens: jax.Array,
+                    layers: Sequence[ShortcutLayer] | None = None) -> DecodeOutput:
+        """tokens int32[B] at positions cache.lengths -> (float32[B, V] logits for the next token, the
+        cache with them appended). Requires cache.lengths < T. layers: `self.unstack_layers()`, made
+        outside a decode loop (default: made here)."""
+        x, ngram = self.embed.step(tokens, cache.ngram)  # [B, D]
+        cos, sin = rope_angles(cache.lengths, self.cfg)  # [B, rope/2]
+        kv = list(cache.kv)
+        # Unrolled rather than scanned, so that each block's cache is read and written in place.
+        for layer, module in enumerate(self.unstack_layers() if layers is None else layers):
+            x, kv[2 * layer: 2 * layer + 2] = module.decode(x, cos, sin, kv[2 * layer: 2 * layer + 2], cache.lengths)
+        logits = self.lm_head(self.final_norm(x)).astype(jnp.float32)
+        return DecodeOutput(logits, DecodeCache(tuple(kv), cache.lengths + 1, ngram))
+
+    def scan_layers(self, h: jax.Array, apply_layer: Callable[[ShortcutLayer, jax.Array], tuple[jax.Array, Any]]):
+        """h [B, L, D] through every layer as one compiled loop body over the stacked weights:
+        apply_layer(layer, h) -> (h, what the layer gives back) -> (h [B, L, D], what every layer gave
+        back, stacked on a leading [num_layers] axis)."""
         graphdef, layer_state = nnx.split(self.layers)
+        return jax.lax.scan(lambda h, state: apply_layer(nnx.merge(graphdef, state), h), h, layer_state)
 
-        def apply_layer(h, state):
-            return nnx.merge(graphdef, state)(h, cos, sin, mask, token_mask)
-
-        h, (expert_counts, dropped_slots) = jax.lax.scan(apply_layer, h, layer_state)
-        logits = self.lm_head(self.final_norm(h))
-        return ModelOutput(logits, expert_counts, dropped_slots)
+    def unstack_layers(self) -> list[ShortcutLayer]:
+        """self.layers as one module per layer. A decode loop makes them once, before it starts: inside
+        it, slicing the stacked weights would copy every layer's weights every step."""
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda w: w[layer], state)) for layer in range(self.cfg.num_layers)]
 
     def update_router_bias(self, expert_counts: jax.Array, rate: float | None = None) -> None:
         """The training loop's load-balancing step: float32[num_layers, E + Z] counts from a batch."""

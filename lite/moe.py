@@ -4,9 +4,18 @@
     chosen = top_k(s + b)                       b: RouterBias, moved by `router_bias_update`, not by grads
     weight = s[chosen] * routed_scaling_factor  not renormalised
     MoE(u) = sum_{chosen FFN e} weight_e FFN_e(u) + (sum of chosen zero-expert weights) * u
+
+`MoE(u, token_mask) -> MoEOutput` is the one call. It takes the weights out of the module as arrays
+and runs `moe_per_device` (route, dispatch, experts, zero-expert term, counts): directly without a
+mesh, inside one shard_map on a mesh (sharding.expert_parallel.moe_on_mesh). The FFN experts of one
+device have two forms of the same sum: `grouped_experts` (slots sorted by expert, grouped matmuls)
+and `dense_experts` (every expert on every token, for the few tokens of a decode step).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +23,44 @@ import numpy as np
 from flax import nnx
 
 from lite.config import ModelConfig
-from pallas_kernels.ragged_matmul import ragged_matmul
+from sharding.expert_parallel import (ExpertsFn, ExpertsOutput, grouped_swiglu, moe_on_mesh, sort_by_expert, unsort,
+                                      weighted_slot_sum)
 from sharding.mesh import active_mesh
+
+
+class MoEOutput(NamedTuple):
+    output: jax.Array  # [T, D]: MoE(u)
+    expert_counts: jax.Array  # float32[E + Z]: routing slots per expert among masked-in tokens
+    dropped_slots: jax.Array  # float32[]: FFN slots dropped for expert capacity (0 without a mesh)
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # float32[T, k]: unbiased scores * routed_scaling_factor of the chosen experts
+    chosen: jax.Array  # int32[T, k]: expert ids; ids >= n_routed_experts are zero experts
+
+
+class RouterWeights(NamedTuple):
+    classifier: jax.Array  # float32[D, E + Z]
+    bias: jax.Array  # float32[E + Z]
+
+
+class ExpertWeights(NamedTuple):
+    w_gate: jax.Array  # [E, D, I]
+    w_up: jax.Array  # [E, D, I]
+    w_down: jax.Array  # [E, I, D]
 
 
 class RouterBias(nnx.Variable):
     """Per-expert routing bias: set by `router_bias_update`, never by the optimizer (not a Param)."""
+
+
+def route(router: RouterWeights, u: jax.Array, cfg: ModelConfig) -> Routing:
+    """u [T, D] -> Routing: top-k of the biased scores, weighted by the unbiased ones."""
+    logits = jnp.dot(u.astype(jnp.float32), router.classifier, precision=jax.lax.Precision.HIGHEST)
+    scores = jax.nn.softmax(logits, axis=-1)
+    _, chosen = jax.lax.top_k(scores + jax.lax.stop_gradient(router.bias), cfg.moe_topk)
+    weights = jnp.take_along_axis(scores, chosen, axis=-1) * cfg.routed_scaling_factor
+    return Routing(weights, chosen.astype(jnp.int32))
 
 
 class Router(nnx.Module):
@@ -30,44 +71,39 @@ class Router(nnx.Module):
         self.classifier = nnx.Param(init(rngs.params(), (cfg.hidden_size, cfg.num_experts), jnp.float32))
         self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32))
 
-    def __call__(self, u: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """u [T, D] -> weights float32[T, k], chosen int32[T, k] (ids >= n_routed_experts are zero experts)."""
-        logits = jnp.dot(u.astype(jnp.float32), self.classifier[...], precision=jax.lax.Precision.HIGHEST)
-        scores = jax.nn.softmax(logits, axis=-1)
-        _, chosen = jax.lax.top_k(scores + jax.lax.stop_gradient(self.bias[...]), self.cfg.moe_topk)
-        weights = jnp.take_along_axis(scores, chosen, axis=-1) * self.cfg.routed_scaling_factor
-        return weights, chosen.astype(jnp.int32)
+    def weights(self) -> RouterWeights:
+        return RouterWeights(self.classifier[...], self.bias[...])
+
+    def __call__(self, u: jax.Array) -> Routing:
+        """u [T, D] -> Routing(weights float32[T, k], chosen int32[T, k])."""
+        return route(self.weights(), u, self.cfg)
 
 
-def routed_experts(x: jax.Array, chosen: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, *, implementation: str = "auto") -> jax.Array:
+# ---------------------------------------------------------------------------------------------
+# The FFN experts on one device: two forms of the same sum.
+
+def grouped_experts(x: jax.Array, chosen: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                    w_down: jax.Array) -> jax.Array:
     """Weighted sum of the chosen FFN experts' SwiGLU outputs; zero-expert choices contribute nothing.
 
     x [T, D], chosen int32[T, k], weights float32[T, k], w_gate/w_up [E, D, I], w_down [E, I, D]
-    -> float32[T, D]. Sort the T*k (token, expert) rows by expert, run each projection as one grouped
-    matmul, unsort. Zero experts have ids >= E, so they sort last and fall outside every group.
+    -> float32[T, D]. Sort the T*k (token, expert) slots by expert, run each projection as one grouped
+    matmul over the sorted rows, unsort. Zero experts have ids >= E, so they sort last and fall
+    outside every group.
     """
-    num_tokens, top_k = chosen.shape
+    top_k = chosen.shape[1]
     num_ffn = w_gate.shape[0]
-    flat_expert = chosen.reshape(-1)  # [T*k]
-    order = jnp.argsort(flat_expert, stable=True)  # row r of the sorted buffer is flat slot order[r]
-    group_sizes = jax.ops.segment_sum(jnp.ones_like(flat_expert), flat_expert, num_segments=num_ffn)
-    rows = x[order // top_k]  # [T*k, D]
-    hidden = (jax.nn.silu(ragged_matmul(rows, w_gate, group_sizes, implementation=implementation))
-              * ragged_matmul(rows, w_up, group_sizes, implementation=implementation))
-    out = ragged_matmul(hidden, w_down, group_sizes, implementation=implementation)  # [T*k, D]
-    # `where`, not a multiply: a kernel may leave rows past sum(group_sizes) uninitialised.
-    is_ffn = flat_expert[order] < num_ffn
-    out = jnp.where(is_ffn[:, None], out.astype(jnp.float32) * weights.reshape(-1)[order][:, None], 0.0)
-    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    return out[unsort].reshape(num_tokens, top_k, -1).sum(axis=1)
+    keys = chosen.reshape(-1)  # int32[T*k]: the expert of each slot
+    by_expert = sort_by_expert(keys, num_ffn)
+    out = grouped_swiglu(x[by_expert.order // top_k], by_expert.group_sizes, w_gate, w_up, w_down)  # [T*k, D]
+    return weighted_slot_sum(unsort(out, by_expert.order), keys < num_ffn, weights)
 
 
 def dense_experts(x: jax.Array, chosen: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                   w_down: jax.Array) -> jax.Array:
-    """`routed_experts` for a handful of tokens: every FFN expert runs on every token, weighted 0 where
+    """`grouped_experts` for a handful of tokens: every FFN expert runs on every token, weighted 0 where
     not chosen, as three plain matmuls with the experts side by side. All E experts' FLOPs per token
-    instead of the chosen ones', but none of the routed form's sorting, gathers, scatters and tiles."""
+    instead of the chosen ones', but none of the grouped form's sorting, gathers, scatters and tiles."""
     num_ffn, d, i = w_gate.shape
     # [T, E] routing weight per FFN expert; zero experts (ids >= E) match no column.
     per_expert = jnp.sum(jnp.where(chosen[..., None] == jnp.arange(num_ffn), weights[..., None], 0.0), axis=1)
@@ -77,9 +113,41 @@ def dense_experts(x: jax.Array, chosen: jax.Array, weights: jax.Array, w_gate: j
     return jnp.dot(hidden.reshape(-1, num_ffn * i), w_down.reshape(num_ffn * i, d), preferred_element_type=jnp.float32)
 
 
-# Up to this many tokens (decoding) `dense_experts` is faster than `routed_experts`; measured on CPU:
+# Up to this many tokens (decoding) `dense_experts` is faster than `grouped_experts`; measured on CPU:
 # tiny 41 vs 107 us at 64 tokens, demo 2.3 vs 5.9 ms, both break even at a few hundred tokens.
 DENSE_EXPERTS_MAX_TOKENS = 128
+
+
+def local_experts(x: jax.Array, chosen: jax.Array, weights: jax.Array, token_mask: jax.Array | None,
+                  w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> ExpertsOutput:
+    """The `ExpertsFn` when every expert is on this device: the dense or the grouped form by token
+    count; nothing is dropped. Padding tokens are computed like the others (their rows are discarded
+    downstream); only the mesh dispatches skip them, since there they would cost communication."""
+    experts = dense_experts if x.shape[0] <= DENSE_EXPERTS_MAX_TOKENS else grouped_experts
+    return ExpertsOutput(experts(x, chosen, weights, w_gate, w_up, w_down), jnp.zeros((), jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoE.
+
+def moe_per_device(router: RouterWeights, experts: ExpertWeights, u: jax.Array, token_mask: jax.Array | None,
+                   dispatch: ExpertsFn | None = None, *, cfg: ModelConfig) -> MoEOutput:
+    """The whole MoE on one device's tokens: route, run the FFN experts through `dispatch` (None:
+    `local_experts`; on a mesh, sharding.expert_parallel's all-to-all dispatch, with `experts` this
+    device's E / n_ep), add the zero experts' identity term, count.
+
+    u [T, D], token_mask bool[T] or None (all real) -> MoEOutput (counts of this device's tokens only).
+    """
+    weights, chosen = route(router, u, cfg)
+    dtype = cfg.jnp_compute_dtype
+    w_gate, w_up, w_down = (w.astype(dtype) for w in experts)
+    ffn, dropped = (dispatch or local_experts)(u, chosen, weights, token_mask, w_gate, w_up, w_down)
+    zero_weight = jnp.sum(jnp.where(chosen >= cfg.n_routed_experts, weights, 0.0), axis=-1)  # [T]
+    out = (ffn + zero_weight[:, None] * u.astype(jnp.float32)).astype(u.dtype)
+    counted = jnp.ones(chosen.shape, jnp.float32) if token_mask is None else (
+        jnp.broadcast_to(token_mask[:, None], chosen.shape).astype(jnp.float32))
+    counts = jax.ops.segment_sum(counted.reshape(-1), chosen.reshape(-1), num_segments=cfg.num_experts)
+    return MoEOutput(out, counts, dropped)
 
 
 class MoE(nnx.Module):
@@ -92,40 +160,21 @@ class MoE(nnx.Module):
         self.w_up = nnx.Param(init(rngs.params(), (e, d, i), pdtype))
         self.w_down = nnx.Param(init(rngs.params(), (e, i, d), pdtype))
 
-    def __call__(self, u: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """u [T, D] -> (MoE(u) [T, D], float32[E + Z] tokens routed to each expert among masked-in tokens)."""
-        out, counts, _ = self.forward(u, token_mask)
-        return out, counts
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
 
-    def forward(self, u: jax.Array, token_mask: jax.Array | None = None,
-                expert_fn=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """`__call__` plus float32[] routing slots dropped for expert capacity (0 without a mesh).
+    def __call__(self, u: jax.Array, token_mask: jax.Array | None = None) -> MoEOutput:
+        """u [T, D], token_mask bool[T] or None (all real) -> MoEOutput.
 
-        Under `jax.set_mesh` with more than one device this whole method runs inside one shard_map
-        (sharding.expert_parallel), which calls it back per device with `expert_fn(u, chosen,
-        weights, token_mask, w_gate, w_up, w_down) -> (FFN sum float32[T, D], dropped)` dispatching
-        the slots to the devices that own the experts.
+        Under `jax.set_mesh` with more than one device, `moe_per_device` runs inside one shard_map
+        (sharding.expert_parallel.moe_on_mesh, dispatching by `cfg.expert_dispatch`); else directly.
         """
-        mesh = active_mesh() if expert_fn is None else None
-        if mesh is not None:
-            from sharding.expert_parallel import moe_on_mesh
-
-            return moe_on_mesh(self, u, token_mask, mesh)
-        cfg = self.cfg
-        weights, chosen = self.router(u)
-        dtype = cfg.jnp_compute_dtype
-        w = (self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype), self.w_down[...].astype(dtype))
-        if expert_fn is None:
-            experts = dense_experts if u.shape[0] <= DENSE_EXPERTS_MAX_TOKENS else routed_experts
-            ffn, dropped = experts(u, chosen, weights, *w), jnp.zeros((), jnp.float32)
-        else:
-            ffn, dropped = expert_fn(u, chosen, weights, token_mask, *w)
-        zero_weight = jnp.sum(jnp.where(chosen >= cfg.n_routed_experts, weights, 0.0), axis=-1)  # [T]
-        out = (ffn + zero_weight[:, None] * u.astype(jnp.float32)).astype(u.dtype)
-        counted = jnp.ones(chosen.shape, jnp.float32) if token_mask is None else (
-            jnp.broadcast_to(token_mask[:, None], chosen.shape).astype(jnp.float32))
-        counts = jax.ops.segment_sum(counted.reshape(-1), chosen.reshape(-1), num_segments=cfg.num_experts)
-        return out, counts, dropped
+        per_device = functools.partial(moe_per_device, cfg=self.cfg)
+        router, experts = self.router.weights(), self.expert_weights()
+        mesh = active_mesh()
+        if mesh is None:
+            return per_device(router, experts, u, token_mask)
+        return MoEOutput(*moe_on_mesh(per_device, router, experts, u, token_mask, mesh, self.cfg))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Uses the real compilers through compile-only devices (sharding.topology): libtpu
 (pip install jax-cuda12-plugin and jax-cuda12-pjrt at the installed jax version, or
 pip install -e ".[aot]" as .ci/run does). No accelerator is needed. The full training step of
 `lite.training.make_train_step` (forward, backward, AdamW update, router-bias update) and one
-`lite.decode.decode_step` are lowered with every parameter, optimizer and cache array placed by
+`LongcatModel.decode_step` are lowered with every parameter, optimizer and cache array placed by
 `sharding.rules`, compiled, and `compiled.memory_analysis()` gives the per-device bytes. Run it in
 its own process: it points JAX's default device at the topology.
 """
@@ -33,7 +33,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from lite.config import PRESETS, get_config  # noqa: E402
-from lite.model import LongcatModel  # noqa: E402
+from lite.model import DecodeCache, DecodeOutput, LongcatModel  # noqa: E402
+from sharding.expert_parallel import resolve_dispatch  # noqa: E402
 from sharding.mesh import make_mesh, parse_mesh_spec  # noqa: E402
 from sharding.rules import activation_spec, state_specs  # noqa: E402
 from sharding.topology import hbm_bytes, topology_devices  # noqa: E402
@@ -56,17 +57,15 @@ def per_device_bytes(tree, mesh) -> int:
     return total
 
 
-def abstract_model(cfg, settings):
-    from sharding.expert_parallel import set_expert_parallel
-
-    return set_expert_parallel(nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0))), settings)
+def abstract_model(cfg):
+    return nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0)))
 
 
-def compile_train_step(cfg, settings, mesh, batch: int, seq_len: int):
+def compile_train_step(cfg, mesh, batch: int, seq_len: int):
     from lite.training import TrainConfig, TrainState, make_train_step, optimizer
 
     tcfg = TrainConfig(batch_size=batch, seq_len=seq_len, steps=1)
-    graphdef, params, other = nnx.split(abstract_model(cfg, settings), nnx.Param, ...)
+    graphdef, params, other = nnx.split(abstract_model(cfg), nnx.Param, ...)
     tx = optimizer(tcfg, params)
     state = jax.eval_shape(lambda p, o: TrainState(p, o, tx.init(p), jnp.zeros((), jnp.int32)), params, other)
     state = _abstract(state, state_specs(state, mesh), mesh)
@@ -81,10 +80,8 @@ def compile_train_step(cfg, settings, mesh, batch: int, seq_len: int):
     return lowered, parts
 
 
-def compile_decode_step(cfg, settings, mesh, batch: int, cache_len: int):
-    from lite.decode import DecodeCache, decode_step
-
-    graphdef, state = nnx.split(abstract_model(cfg, settings))
+def compile_decode_step(cfg, mesh, batch: int, cache_len: int):
+    graphdef, state = nnx.split(abstract_model(cfg))
     state = _abstract(state, state_specs(state, mesh), mesh)
     batch_spec = activation_spec("decode_tokens", mesh, (batch,))
     b = batch_spec[0]
@@ -101,9 +98,10 @@ def compile_decode_step(cfg, settings, mesh, batch: int, cache_len: int):
     tokens = sds((batch,), jnp.int32, P(b))
 
     def step(state, cache, tokens):
-        return decode_step(nnx.merge(graphdef, state), cache, tokens)
+        return nnx.merge(graphdef, state).decode_step(cache, tokens)
 
-    jitted = jax.jit(step, out_shardings=(None, jax.tree.map(lambda s: s.sharding, cache)), donate_argnums=1)
+    out_shardings = DecodeOutput(logits=None, cache=jax.tree.map(lambda s: s.sharding, cache))
+    jitted = jax.jit(step, out_shardings=out_shardings, donate_argnums=1)
     lowered = jitted.lower(state, cache, tokens)
     parts = {"parameters": per_device_bytes(state, mesh), "decode cache": per_device_bytes(cache, mesh)}
     return lowered, parts
@@ -165,15 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--decode-batch", type=int, default=256)
     parser.add_argument("--cache-len", type=int, default=4096, help="decode cache length (tokens)")
-    parser.add_argument("--dispatch", default="auto", choices=("auto", "capacity", "ragged"))
-    parser.add_argument("--capacity-factor", type=float, default=2.0)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="model config overrides (ints, floats, strings), e.g. num_layers=2")
+                        help="model config overrides (ints, floats, strings), e.g. num_layers=2, "
+                             "expert_dispatch=capacity (auto | capacity | ragged), expert_capacity_factor=1.5")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args(argv)
-
-    from sharding.expert_parallel import ExpertParallel, resolve_dispatch
 
     overrides = {}
     for item in args.set:
@@ -195,20 +190,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--mesh {args.mesh} covers {chips} devices, --topology {args.topology} has {len(devices)}")
     mesh = make_mesh(args.mesh, devices)
     hbm = hbm_bytes(devices[0])
-    settings = ExpertParallel(dispatch=args.dispatch, capacity_factor=args.capacity_factor)
+    with jax.set_mesh(mesh):  # `auto` resolves by the platform of the devices compiled for
+        dispatch = resolve_dispatch(cfg.expert_dispatch)
     print(f"{cfg.name} on {args.topology}: {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}, "
-          f"expert dispatch {resolve_dispatch(args.dispatch, mesh)} (capacity factor {args.capacity_factor:g})")
+          f"expert dispatch {dispatch} (capacity factor {cfg.expert_capacity_factor:g})")
 
     ok = True
     with jax.set_mesh(mesh):
         if not args.skip_train:
-            lowered, parts = compile_train_step(cfg, settings, mesh, args.batch, args.seq_len)
+            lowered, parts = compile_train_step(cfg, mesh, args.batch, args.seq_len)
             lines, fits = report(f"training step: batch {args.batch} x {args.seq_len} tokens, AdamW",
                                  lowered, parts, hbm)
             print("\n".join(lines), flush=True)
             ok &= fits
         if not args.skip_decode:
-            lowered, parts = compile_decode_step(cfg, settings, mesh, args.decode_batch, args.cache_len)
+            lowered, parts = compile_decode_step(cfg, mesh, args.decode_batch, args.cache_len)
             lines, fits = report(f"decode step: batch {args.decode_batch}, cache {args.cache_len} tokens",
                                  lowered, parts, hbm)
             print("\n".join(lines), flush=True)

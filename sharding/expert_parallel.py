@@ -1,85 +1,136 @@
-"""Expert parallelism: the whole routed computation of an MoE inside one `jax.shard_map`.
+"""Expert parallelism, and the grouped expert pieces every MoE path shares.
 
-Every mesh axis splits the tokens; the `expert` axis also splits the FFN experts (E / n_ep per
-device). Inside the shard_map each device routes its own tokens (router in fp32, replicated), sends
-each (token, FFN expert) slot to the device that owns the expert, runs its local experts as one
-grouped matmul per projection (`pallas_kernels.ragged_matmul`), sends the results back, and
-combines them with the zero experts' identity term exactly as `lite.moe.MoE.forward` does (it IS
-that method, with the expert FFN swapped for a dispatching one).
+The MoE (lite.moe) has one per-device function: route the local tokens, run the experts through a
+dispatch, add the zero experts' identity term, count. Without a mesh it is called directly; on a mesh
+`moe_on_mesh` wraps exactly that function in one `jax.shard_map`. Every mesh axis splits the tokens;
+the `expert` axis also splits the FFN experts (E / n_ep per device). Inside the shard_map each device
+routes its own tokens (router in fp32, replicated), sends each (token, FFN expert) slot to the device
+that owns the expert, runs its local experts as one grouped matmul per projection
+(`pallas_kernels.ragged_matmul`), and sends the results back. This module takes the per-device
+function and the weight arrays as arguments, so it needs nothing from lite.
 
-Two dispatches:
+Dispatches (`ModelConfig.expert_dispatch`):
   capacity  `all_to_all` of fixed-size buffers [E, C, D]: C slots per (source device, expert),
-            C = ceil(capacity_factor * T_local * target_ffn_experts_per_token / E), at most
+            C = ceil(expert_capacity_factor * T_local * target_ffn_experts_per_token / E), at most
             T_local. Slots past C are dropped (the token keeps its other experts and the
             zero-expert term) and counted. Runs everywhere, CPU included.
   ragged    `ragged_all_to_all` of exactly the routed rows, into a receive buffer sized for the
             worst case (dropless). XLA:CPU cannot run it; TPU and GPU can.
-"auto" picks ragged on TPU/GPU meshes and capacity elsewhere.
+  auto      ragged when compiling for TPU or GPU, capacity elsewhere.
+
+The grouped pieces (`sort_by_expert`, `unsort`, `grouped_swiglu`, `weighted_slot_sum`) live here,
+below the model, because both the single-device grouped FFN (lite.moe.grouped_experts) and the two
+dispatches use them, and sharding/ may not import lite.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.backend import target_platform
 from pallas_kernels.ragged_matmul import ragged_matmul
 from sharding.mesh import axis_size, batch_axes
 
-DISPATCHES = ("auto", "capacity", "ragged")
-ragged_all_to_all = jax.lax.ragged_all_to_all  # module attribute: tests swap in a CPU reference
+ragged_all_to_all = jax.lax.ragged_all_to_all  # module attribute: tests swap in a CPU emulation
 
 
-@dataclasses.dataclass(frozen=True)
-class ExpertParallel:
-    """How the MoE dispatches on a mesh with an `expert` axis (a static attribute of each MoE)."""
+class ExpertsOutput(NamedTuple):
+    """What an expert computation (a dispatch) gives back to the MoE, per device."""
 
-    dispatch: str = "auto"
-    capacity_factor: float = 2.0
-
-    def __post_init__(self):
-        if self.dispatch not in DISPATCHES:
-            raise ValueError(f"expert dispatch must be one of {DISPATCHES}, got {self.dispatch!r}")
-        if not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+    combined: jax.Array  # float32[T, D]: per token, the routing-weighted sum of its FFN experts' outputs
+    dropped_slots: jax.Array  # float32[]: FFN slots not served for expert capacity
 
 
-def set_expert_parallel(model: nnx.Module, settings: ExpertParallel) -> nnx.Module:
-    """Attach dispatch settings to every MoE of a model (static: part of the graph definition)."""
-    from lite.moe import MoE
-
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, MoE):
-            module.expert_parallel = settings
-    return model
+# A dispatch: (x [T, D], chosen int32[T, k], weights float32[T, k], token_mask bool[T],
+#              w_gate [E_loc, D, I], w_up [E_loc, D, I], w_down [E_loc, I, D]) -> ExpertsOutput.
+# Expert ids >= E (zero experts) contribute nothing to `combined`.
+ExpertsFn = Callable[..., ExpertsOutput]
 
 
-def expert_capacity(num_local_tokens: int, cfg, capacity_factor: float) -> int:
-    """Slots each device may send to each FFN expert: the balanced load at the target number of
-    FFN experts per token, times the factor; never more than the tokens that could come."""
+# ---------------------------------------------------------------------------------------------
+# Grouped rows: sort by expert, one grouped matmul per projection, unsort, weigh.
+
+class ExpertOrder(NamedTuple):
+    """The stable sort that makes rows with the same key contiguous."""
+
+    order: jax.Array  # int32[M]: row r of the sorted buffer is row order[r] of the unsorted one
+    group_sizes: jax.Array  # int32[G]: sorted rows per group; rows with keys >= G come after every group
+
+
+def sort_by_expert(keys: jax.Array, num_groups: int) -> ExpertOrder:
+    """keys int32[M] (each row's group; >= num_groups: in no group, e.g. a zero expert) -> ExpertOrder."""
+    order = jnp.argsort(keys, stable=True)
+    # segment_sum drops keys outside [0, num_groups): those rows sort last and fall outside every group.
+    group_sizes = jax.ops.segment_sum(jnp.ones_like(keys), keys, num_segments=num_groups)
+    return ExpertOrder(order, group_sizes)
+
+
+def unsort(sorted_rows: jax.Array, order: jax.Array) -> jax.Array:
+    """The inverse of `rows[order]`: sorted_rows [M, ...] -> [M, ...] in the unsorted order. A gather
+    through the inverse permutation (a scatter of M ints), not a scatter of the rows themselves."""
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return sorted_rows[inverse]
+
+
+def grouped_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                   w_down: jax.Array) -> jax.Array:
+    """rows [M, D] sorted by group, group_sizes int32[G], w_gate/w_up [G, D, I], w_down [G, I, D]
+    -> [M, D]: each row through its group's SwiGLU. Rows past sum(group_sizes) are left undefined
+    (a kernel may not write them)."""
+    hidden = jax.nn.silu(ragged_matmul(rows, w_gate, group_sizes)) * ragged_matmul(rows, w_up, group_sizes)
+    return ragged_matmul(hidden, w_down, group_sizes)
+
+
+def weighted_slot_sum(per_slot: jax.Array, served: jax.Array, weights: jax.Array) -> jax.Array:
+    """per_slot [T*k, D] (slot order: token-major), served bool[T*k], weights float32[T, k] -> float32[T, D]:
+    sum over each token's served slots of weight * row. `where` before the multiply: unserved rows
+    may be undefined (see `grouped_swiglu`) and must reach neither the output nor the weights' gradient."""
+    rows = jnp.where(served[:, None], per_slot.astype(jnp.float32), 0.0) * weights.reshape(-1)[:, None]
+    return rows.reshape(*weights.shape, -1).sum(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoE on a mesh.
+
+def expert_capacity(num_local_tokens: int, cfg) -> int:
+    """Slots each device may send to each FFN expert: the balanced load at the target number of FFN
+    experts per token, times `cfg.expert_capacity_factor`; never more than the tokens that could come.
+    cfg: a lite ModelConfig (read for n_routed_experts, target_ffn_experts_per_token and the factor)."""
     balanced = num_local_tokens * cfg.target_ffn_experts_per_token / cfg.n_routed_experts
-    return max(1, min(num_local_tokens, math.ceil(capacity_factor * balanced)))
+    return max(1, min(num_local_tokens, math.ceil(cfg.expert_capacity_factor * balanced)))
 
 
-def resolve_dispatch(dispatch: str, mesh) -> str:
-    if dispatch != "auto":
-        return dispatch
-    platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
-    if platform is None:  # a concrete Mesh
-        platform = mesh.devices.flat[0].platform
-    return "ragged" if platform in ("tpu", "gpu", "cuda", "rocm") else "capacity"
+def resolve_dispatch(dispatch: str) -> str:
+    """"auto" | "capacity" | "ragged" -> "capacity" or "ragged". auto: ragged when compiling for TPU
+    or GPU (`pallas_kernels.backend.target_platform`: the ambient mesh's devices), capacity elsewhere
+    (XLA:CPU has no ragged_all_to_all)."""
+    if dispatch == "auto":
+        return "ragged" if target_platform() in ("tpu", "gpu") else "capacity"
+    if dispatch not in ("capacity", "ragged"):
+        raise ValueError(f"expert dispatch must be auto, capacity or ragged, got {dispatch!r}")
+    return dispatch
 
 
-def moe_on_mesh(moe, u: jax.Array, token_mask: jax.Array | None, mesh) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`moe.forward` on a mesh: u [T, D] (T split over every mesh axis), token_mask bool[T] or None
-    -> (out [T, D], float32[E + Z] routed slots per expert, float32[] slots dropped for capacity)."""
-    cfg = moe.cfg
-    settings = getattr(moe, "expert_parallel", None) or ExpertParallel()
+def moe_on_mesh(moe_per_device: Callable, router_weights: Any, expert_weights: Any, u: jax.Array,
+                token_mask: jax.Array | None, mesh, cfg) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The MoE on `mesh` (the ambient one, `jax.set_mesh`), as one shard_map of `moe_per_device`.
+
+    moe_per_device(router_weights, expert_weights, u [T_loc, D], token_mask bool[T_loc], dispatch)
+        -> (out [T_loc, D], float32[E + Z] routed slots per expert, float32[] dropped slots); dispatch
+        is an `ExpertsFn`, or None when every expert is on the device (mesh without an expert axis).
+    router_weights: a pytree of arrays, replicated. expert_weights: a pytree of [E, ...] arrays, split
+        over `expert` on their leading axis.
+    u [T, D], token_mask bool[T] or None; T split over every mesh axis.
+    cfg: a lite ModelConfig (n_routed_experts, target_ffn_experts_per_token, expert_dispatch,
+        expert_capacity_factor).
+    -> (out [T, D], counts float32[E + Z] and dropped float32[], both summed over the devices).
+    """
     n_ep = axis_size(mesh, "expert")
     if cfg.n_routed_experts % n_ep:
         raise ValueError(f"{cfg.n_routed_experts} FFN experts cannot be split over the mesh's expert axis "
@@ -91,81 +142,69 @@ def moe_on_mesh(moe, u: jax.Array, token_mask: jax.Array | None, mesh) -> tuple[
                          f"{dict(mesh.shape)}; make the batch a multiple of {devices}")
     if token_mask is None:
         token_mask = jnp.ones(u.shape[:1], bool)
-    dispatch = resolve_dispatch(settings.dispatch, mesh)
-    local_tokens = u.shape[0] // devices
-    if n_ep == 1:
-        expert_fn = None  # every expert is local: the single-device FFN on this device's tokens
-    elif dispatch == "capacity":
-        expert_fn = functools.partial(_capacity_experts, num_experts=cfg.n_routed_experts,
-                                      capacity=expert_capacity(local_tokens, cfg, settings.capacity_factor))
-    else:
-        expert_fn = functools.partial(_ragged_experts, num_experts=cfg.n_routed_experts)
-
-    graphdef, state = nnx.split(moe)
-    expert_spec = P("expert") if n_ep > 1 else P()
-    state_spec = jax.tree_util.tree_map_with_path(
-        lambda path, _: expert_spec if any(getattr(k, "key", None) in ("w_gate", "w_up", "w_down") for k in path)
-        else P(), state)
+    dispatch = _dispatch(cfg, n_ep, local_tokens=u.shape[0] // devices)
     tokens = P(axes)
+    router_specs = jax.tree.map(lambda _: P(), router_weights)
+    expert_specs = jax.tree.map(lambda _: P("expert") if n_ep > 1 else P(), expert_weights)
 
-    def local(state, u, token_mask):
-        out, counts, dropped = nnx.merge(graphdef, state).forward(u, token_mask, expert_fn=expert_fn)
+    def local(router_weights, expert_weights, u, token_mask):
+        out, counts, dropped = moe_per_device(router_weights, expert_weights, u, token_mask, dispatch)
         return out, jax.lax.psum(counts, axes), jax.lax.psum(dropped, axes)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(state_spec, tokens, tokens),
-                         out_specs=(tokens, P(), P()))(state, u, token_mask)
+    return jax.shard_map(local, mesh=mesh, in_specs=(router_specs, expert_specs, tokens, tokens),
+                         out_specs=(tokens, P(), P()))(router_weights, expert_weights, u, token_mask)
 
 
-def _swiglu_experts(rows: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                    group_sizes: jax.Array) -> jax.Array:
-    """rows [M, D] grouped by local expert -> [M, D]: the SwiGLU of each row's expert."""
-    hidden = jax.nn.silu(ragged_matmul(rows, w_gate, group_sizes)) * ragged_matmul(rows, w_up, group_sizes)
-    return ragged_matmul(hidden, w_down, group_sizes)
+def _dispatch(cfg, n_ep: int, local_tokens: int) -> ExpertsFn | None:
+    if n_ep == 1:
+        return None  # every expert is local: the single-device experts on this device's tokens
+    if resolve_dispatch(cfg.expert_dispatch) == "capacity":
+        return functools.partial(_capacity_dispatch, num_experts=cfg.n_routed_experts,
+                                 capacity=expert_capacity(local_tokens, cfg))
+    return functools.partial(_ragged_dispatch, num_experts=cfg.n_routed_experts)
 
 
 def _slot_keys(chosen: jax.Array, token_mask: jax.Array, num_experts: int) -> jax.Array:
-    """int32[T*k]: the FFN expert of each (token, slot), or num_experts for zero experts / padding."""
+    """int32[T*k]: the FFN expert of each (token, slot), or num_experts for zero experts / padding
+    (padding is never sent to the experts)."""
     top_k = chosen.shape[1]
     valid = jnp.repeat(token_mask.astype(bool), top_k)
     flat = chosen.reshape(-1)
     return jnp.where(valid & (flat < num_experts), flat, num_experts)
 
 
-def _capacity_experts(x, chosen, weights, token_mask, w_gate, w_up, w_down, *, num_experts: int,
-                      capacity: int) -> tuple[jax.Array, jax.Array]:
-    """Local view inside the shard_map: x [T, D], chosen/weights [T, k], token_mask [T], local
-    expert weights [E_loc, ...] -> (float32[T, D] weighted FFN sum, float32[] dropped slots)."""
+def _capacity_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *, num_experts: int,
+                       capacity: int) -> ExpertsOutput:
+    """An `ExpertsFn` inside the shard_map: fixed buffers of `capacity` slots per (device, expert)."""
     num_tokens, top_k = chosen.shape
     n_ep = jax.lax.axis_size("expert")
     local_experts = w_gate.shape[0]
-    slots = num_tokens * top_k
-    key = _slot_keys(chosen, token_mask, num_experts)
+    slots, d = num_tokens * top_k, x.shape[1]
+    keys = _slot_keys(chosen, token_mask, num_experts)
+    by_expert = sort_by_expert(keys, num_experts)
+    starts = jnp.cumsum(by_expert.group_sizes) - by_expert.group_sizes
     # Position of each slot among its expert's slots, in (token, slot) order: earlier tokens win.
-    order = jnp.argsort(key, stable=True)
-    sizes = jax.ops.segment_sum(jnp.ones_like(key), key, num_segments=num_experts + 1)
-    starts = jnp.cumsum(sizes) - sizes
-    position = jnp.zeros_like(key).at[order].set(jnp.arange(slots, dtype=key.dtype) - starts[key[order]])
-    is_ffn = key < num_experts
+    # (Zero-expert and padding slots get a meaningless position: they are never kept.)
+    position = unsort(jnp.arange(slots, dtype=keys.dtype) - starts[keys[by_expert.order]], by_expert.order)
+    is_ffn = keys < num_experts
     kept = is_ffn & (position < capacity)
     dropped = jnp.sum(is_ffn & ~kept).astype(jnp.float32)
-    dest = jnp.where(kept, key * capacity + position, num_experts * capacity)  # out of range: not written
-    send = jnp.zeros((num_experts * capacity, x.shape[1]), x.dtype).at[dest].set(
+    dest = jnp.where(kept, keys * capacity + position, num_experts * capacity)  # out of range: not written
+    send = jnp.zeros((num_experts * capacity, d), x.dtype).at[dest].set(
         x[jnp.arange(slots) // top_k], mode="drop")  # [E*C, D], expert-major = destination-major
     recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [n_src * E_loc * C, D]
-    d = x.shape[1]
     grouped = recv.reshape(n_ep, local_experts, capacity, d).transpose(1, 0, 2, 3).reshape(-1, d)
     group_sizes = jnp.full((local_experts,), n_ep * capacity, jnp.int32)
-    y = _swiglu_experts(grouped, w_gate, w_up, w_down, group_sizes)
+    y = grouped_swiglu(grouped, group_sizes, w_gate, w_up, w_down)
     y = y.reshape(local_experts, n_ep, capacity, d).transpose(1, 0, 2, 3).reshape(-1, d)
     back = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True)  # [E*C, D] in this device's layout
-    per_slot = back[jnp.minimum(dest, num_experts * capacity - 1)].astype(jnp.float32)
-    per_slot = jnp.where(kept[:, None], per_slot * weights.reshape(-1)[:, None], 0.0)
-    return per_slot.reshape(num_tokens, top_k, d).sum(axis=1), dropped
+    per_slot = back[jnp.minimum(dest, num_experts * capacity - 1)]  # [T*k, D]
+    return ExpertsOutput(weighted_slot_sum(per_slot, kept, weights), dropped)
 
 
-def _ragged_experts(x, chosen, weights, token_mask, w_gate, w_up, w_down, *,
-                    num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """Dropless local view inside the shard_map (same contract as `_capacity_experts`).
+def _ragged_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *,
+                     num_experts: int) -> ExpertsOutput:
+    """A dropless `ExpertsFn` inside the shard_map.
 
     Slots sorted by expert are contiguous per destination device; `ragged_all_to_all` moves
     exactly those rows. Received rows come grouped by source, then local expert; they are sorted
@@ -176,11 +215,10 @@ def _ragged_experts(x, chosen, weights, token_mask, w_gate, w_up, w_down, *,
     me = jax.lax.axis_index("expert")
     local_experts = w_gate.shape[0]
     slots, d = num_tokens * top_k, x.shape[1]
-    key = _slot_keys(chosen, token_mask, num_experts)
-    order = jnp.argsort(key, stable=True)
-    rows = x[order // top_k]  # [T*k, D]: FFN slots by expert, then zero-expert/padding slots
-    per_expert = jax.ops.segment_sum(jnp.ones_like(key), key, num_segments=num_experts + 1)[:num_experts]
-    sent = jax.lax.all_gather(per_expert.reshape(n_ep, local_experts), "expert")  # [src, dst, E_loc]
+    keys = _slot_keys(chosen, token_mask, num_experts)
+    by_expert = sort_by_expert(keys, num_experts)
+    rows = x[by_expert.order // top_k]  # [T*k, D]: FFN slots by expert, then zero-expert/padding slots
+    sent = jax.lax.all_gather(by_expert.group_sizes.reshape(n_ep, local_experts), "expert")  # [src, dst, E_loc]
     sent_to = sent.sum(-1)  # [src, dst] rows
     send_sizes = sent_to[me]
     input_offsets = jnp.cumsum(send_sizes) - send_sizes
@@ -194,17 +232,13 @@ def _ragged_experts(x, chosen, weights, token_mask, w_gate, w_up, w_down, *,
     block_sizes = sent[:, me, :].reshape(-1)  # [n_src * E_loc]
     block = jnp.repeat(jnp.arange(n_ep * local_experts), block_sizes, total_repeat_length=capacity)
     received = jnp.arange(capacity) < jnp.sum(block_sizes)
-    local_key = jnp.where(received, block % local_experts, local_experts)
-    local_order = jnp.argsort(local_key, stable=True)
-    y = _swiglu_experts(recv[local_order], w_gate, w_up, w_down, sent[:, me, :].sum(0))
-    y = jnp.zeros_like(y).at[local_order].set(y)  # back to (source, local expert) blocks
-    y = jnp.where(received[:, None], y, 0)
+    by_local_expert = sort_by_expert(jnp.where(received, block % local_experts, local_experts), local_experts)
+    y = grouped_swiglu(recv[by_local_expert.order], by_local_expert.group_sizes, w_gate, w_up, w_down)
+    y = jnp.where(received[:, None], unsort(y, by_local_expert.order), 0)  # (source, local expert) blocks
     # Reverse route: my block from source s goes back to where s took it from.
     recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
     source_offsets = jnp.sum(jnp.where(jnp.arange(n_ep)[None, :] < me, sent_to, 0), axis=1)  # [src]
     back = ragged_all_to_all(y, jnp.zeros((slots, d), y.dtype), recv_offsets, recv_sizes,
                              source_offsets, send_sizes, axis_name="expert")  # [T*k, D] sorted order
-    is_ffn = key[order] < num_experts
-    per_sorted = jnp.where(is_ffn[:, None], back.astype(jnp.float32) * weights.reshape(-1)[order][:, None], 0.0)
-    per_slot = jnp.zeros_like(per_sorted).at[order].set(per_sorted)
-    return per_slot.reshape(num_tokens, top_k, d).sum(axis=1), jnp.zeros((), jnp.float32)
+    combined = weighted_slot_sum(unsort(back, by_expert.order), keys < num_experts, weights)
+    return ExpertsOutput(combined, jnp.zeros((), jnp.float32))

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lite import decode
 from lite.config import get_config
-from lite.model import LongcatModel, next_token_loss
+from lite.model import LongcatModel, PackedPrompts, next_token_loss, pack_prompts
 from lite.moe import MoE
 from pallas_kernels import backend as kernel_backend
 from sharding import expert_parallel
-from sharding.expert_parallel import ExpertParallel, expert_capacity, set_expert_parallel
+from sharding.expert_parallel import expert_capacity
 from sharding.mesh import make_mesh
 from sharding.rules import shard_model
 
@@ -28,7 +27,8 @@ assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_de
 # 8 FFN experts so that expert=8 puts one on each device; larger init so routing is decisive.
 CFG = get_config("tiny", num_layers=1, n_routed_experts=8, zero_expert_num=4, moe_topk=3,
                  target_ffn_experts_per_token=2.0, initializer_range=0.1)
-NO_DROPS = ExpertParallel(dispatch="capacity", capacity_factor=1e6)
+# The same model with buffers that never drop (the single-device model drops nothing either).
+NO_DROPS = CFG.replace(expert_dispatch="capacity", expert_capacity_factor=1e6)
 
 
 def batch():
@@ -87,7 +87,7 @@ def test_loss_and_every_gradient_match_single_device(spec, kernels, chosen_kerne
     want_loss, want_counts, _, want_grads = single_device()
     chosen_kernels.clear()
     mesh = make_mesh(spec)
-    model = set_expert_parallel(LongcatModel(CFG, rngs=nnx.Rngs(0)), NO_DROPS)
+    model = LongcatModel(NO_DROPS, rngs=nnx.Rngs(0))
     with jax.set_mesh(mesh), kernel_backend.forced(kernels):
         shard_model(model, mesh)
         # The experts really are split: each device holds E / n_ep of them.
@@ -114,17 +114,17 @@ def test_loss_and_every_gradient_match_single_device(spec, kernels, chosen_kerne
 def test_decode_step_on_mesh_matches_single_device(kernels, chosen_kernels):
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, CFG.vocab_size, n).tolist() for n in (6, 3, 5, 1, 6, 2, 4, 6)]
-    packed = decode.PackedPrompts(*map(jnp.asarray, decode.pack_prompts(prompts, 6)))
+    packed = PackedPrompts(*map(jnp.asarray, pack_prompts(prompts, 6)))
     new_tokens = jnp.asarray(rng.integers(3, CFG.vocab_size, (8,)), jnp.int32).at[0].set(CFG.eos_token_id)
 
     def prefill_and_step(model):
-        _, cache = decode.prefill(model, packed, cache_len=8)
-        return decode.decode_step(model, cache, new_tokens)
+        _, cache = model.prefill(packed, cache_len=8)
+        return model.decode_step(cache, new_tokens)
 
     model = LongcatModel(CFG, rngs=nnx.Rngs(0))
     want_logits, want_cache = nnx.jit(prefill_and_step)(model)
     mesh = make_mesh("data=2,expert=4")
-    model = set_expert_parallel(LongcatModel(CFG, rngs=nnx.Rngs(0)), NO_DROPS)
+    model = LongcatModel(NO_DROPS, rngs=nnx.Rngs(0))
     chosen_kernels.clear()
     with jax.set_mesh(mesh), kernel_backend.forced(kernels):
         shard_model(model, mesh)
@@ -170,8 +170,8 @@ def numpy_moe(moe, u, mask, capacity=None, shards=1):
     return out, dropped
 
 
-def moe_inputs(tokens=64):
-    moe = MoE(CFG, rngs=nnx.Rngs(3))
+def moe_inputs(cfg, tokens=64):
+    moe = MoE(cfg, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(2)
     u = rng.normal(size=(tokens, CFG.hidden_size)).astype(np.float32)
     mask = np.ones(tokens, bool)
@@ -183,7 +183,7 @@ def run_on_mesh(moe, u, mask, spec):
     mesh = make_mesh(spec)
 
     def forward(m, u, mask):
-        return m.forward(u, mask)
+        return m(u, mask)
 
     with jax.set_mesh(mesh):
         return jax.device_get(nnx.jit(forward)(moe, jnp.asarray(u), jnp.asarray(mask)))
@@ -191,10 +191,9 @@ def run_on_mesh(moe, u, mask, spec):
 
 @pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=4"])
 def test_small_capacity_drops_exactly_the_overflow_slots(spec):
-    moe, u, mask = moe_inputs()
-    settings = ExpertParallel(dispatch="capacity", capacity_factor=0.5)
-    moe.expert_parallel = settings
-    capacity = expert_capacity(len(u) // 8, CFG, settings.capacity_factor)
+    cfg = CFG.replace(expert_dispatch="capacity", expert_capacity_factor=0.5)
+    moe, u, mask = moe_inputs(cfg)
+    capacity = expert_capacity(len(u) // 8, cfg)
     assert capacity == 1  # 8 tokens per device, 2 FFN slots each over 8 experts, halved
     out, _, dropped = run_on_mesh(moe, u, mask, spec)
     want_out, want_dropped = numpy_moe(moe, u.astype(np.float64), mask, capacity=capacity, shards=8)
@@ -204,8 +203,7 @@ def test_small_capacity_drops_exactly_the_overflow_slots(spec):
 
 
 def test_model_reports_dropped_slots_per_layer():
-    model = set_expert_parallel(LongcatModel(CFG, rngs=nnx.Rngs(0)),
-                                ExpertParallel(dispatch="capacity", capacity_factor=0.25))
+    model = LongcatModel(CFG.replace(expert_dispatch="capacity", expert_capacity_factor=0.25), rngs=nnx.Rngs(0))
     mesh = make_mesh("expert=8")
     with jax.set_mesh(mesh):
         shard_model(model, mesh)
@@ -234,11 +232,10 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
 
 def test_ragged_dispatch_is_dropless_and_matches_single_device(monkeypatch):
     monkeypatch.setattr(expert_parallel, "ragged_all_to_all", emulated_ragged_all_to_all)
-    moe, u, mask = moe_inputs()
-    moe.expert_parallel = ExpertParallel(dispatch="ragged")
+    moe, u, mask = moe_inputs(CFG.replace(expert_dispatch="ragged"))
 
     def loss(m, u, mask):
-        out, counts, dropped = m.forward(u, mask)
+        out, counts, dropped = m(u, mask)
         # Padding rows are left out: the dispatch does not send them to the FFN experts at all.
         weights = jnp.arange(out.size).reshape(out.shape) / out.size * mask[:, None]
         return jnp.sum(jnp.sin(out) * weights), (out, counts, dropped)

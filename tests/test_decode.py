@@ -12,7 +12,7 @@ from lite import decode
 from lite.config import get_config
 from lite.decode import DecodeError, Generator, Sampling
 from lite.checkpoint import model_from_arrays, model_state_arrays
-from lite.model import LongcatModel
+from lite.model import LongcatModel, PackedPrompts, pack_prompts
 
 # A larger init than the default so attention is far from uniform and logits are O(1): a masking or
 # cache slip shows up far above the 1e-5 tolerance.
@@ -60,15 +60,15 @@ def test_cached_logits_equal_full_recompute_at_every_step():
     # Fed tokens (teacher forcing), with an EOS in row 0 so the N-gram cache must restart mid-decode.
     fed = rng.integers(3, 512, (3, 8)).astype(np.int32)
     fed[0, 3] = EOS
-    packed = decode.pack_prompts(prompts, 24, row_multiple=1)
+    packed = pack_prompts(prompts, 24, row_multiple=1)
     assert packed.tokens.shape == (2, 24) and set(packed.row) == {0, 1}  # two prompts share a row
     padding = packed.segment_ids == 0
     packed.tokens[padding] = rng.integers(3, 512, padding.sum())  # padding holds junk, not zeros
     graphdef, state = nnx.split(model)
-    prefill = jax.jit(lambda p: decode.prefill(nnx.merge(graphdef, state), p, 40))
-    step = jax.jit(lambda cache, t: decode.decode_step(nnx.merge(graphdef, state), cache, t))
+    prefill = jax.jit(lambda p: nnx.merge(graphdef, state).prefill(p, 40))
+    step = jax.jit(lambda cache, t: nnx.merge(graphdef, state).decode_step(cache, t))
 
-    logits, cache = prefill(decode.PackedPrompts(*map(jnp.asarray, packed)))
+    logits, cache = prefill(PackedPrompts(*map(jnp.asarray, packed)))
     # Only the latent and the RoPE key, per attention block.
     assert [a.shape for a in cache.kv] == [(3, 40, CFG.kv_lora_rank + CFG.qk_rope_head_dim)] * (2 * CFG.num_layers)
     rows = [list(p) for p in prompts]

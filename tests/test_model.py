@@ -9,9 +9,11 @@ import optax
 import pytest
 from flax import nnx
 
+from lite.attention import attention_mask
 from lite.config import get_config
-from lite.model import LongcatModel, next_token_loss, positions_from_segments
+from lite.model import LayerInputs, LongcatModel, next_token_loss, positions_from_segments
 from lite.moe import RouterBias, target_expert_shares
+from lite.rope import rope_angles
 
 CFG = get_config("tiny")
 
@@ -77,18 +79,15 @@ def test_left_padding_changes_nothing():
 
 def test_shortcut_layer_wiring():
     model, _ = model_and_forward()
-    layer = nnx.merge(*nnx.split(model.layers))  # the stacked layers; take layer 0 below
-    layer0 = nnx.merge(nnx.split(layer)[0], jax.tree.map(lambda a: a[0], nnx.split(layer)[1]))
+    layer0 = model.unstack_layers()[0]
     x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 6, CFG.hidden_size)), jnp.float32)
-    from lite.attention import attention_mask
-    from lite.rope import rope_angles
     cos, sin = rope_angles(jnp.arange(6)[None], CFG)
     mask = attention_mask(jnp.ones((1, 6), jnp.int32))
-    out, _ = layer0(x, cos, sin, mask, jnp.ones((1, 6), bool))
+    out, _ = layer0(x, LayerInputs(cos, sin, mask, jnp.ones((1, 6), bool)))
     # ARCHITECTURE.md section 3, from the sub-blocks.
     h = x + layer0.attns[0](layer0.attn_norms[0](x), cos, sin, mask)
     u = layer0.mlp_norms[0](h)
-    moe, _ = layer0.moe(u.reshape(6, -1))
+    moe = layer0.moe(u.reshape(6, -1))[0]  # the MoE output; routing statistics are not checked here
     h = h + layer0.mlps[0](u)
     h = h + layer0.attns[1](layer0.attn_norms[1](h), cos, sin, mask)
     want = h + layer0.mlps[1](layer0.mlp_norms[1](h)) + moe.reshape(h.shape)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from lite.config import get_config
-from lite.moe import (DENSE_EXPERTS_MAX_TOKENS, MoE, ffn_experts_per_token, router_bias_update, routed_experts,
+from lite.moe import (DENSE_EXPERTS_MAX_TOKENS, MoE, ffn_experts_per_token, grouped_experts, router_bias_update,
                       target_expert_shares)
 
 CFG = get_config("tiny", routed_scaling_factor=2.5, moe_topk=3, n_routed_experts=4, zero_expert_num=3,
@@ -44,12 +44,13 @@ def make_moe(seed=0):
     return moe
 
 
-# Few tokens run every expert densely (decoding), more run the grouped (routed) form: both checked.
+# Few tokens run every expert densely (decoding), more run the grouped (sorted) form: both checked.
 @pytest.mark.parametrize("num_tokens", [24, DENSE_EXPERTS_MAX_TOKENS + 40])
 def test_moe_matches_numpy_with_bias_changing_routing(num_tokens):
     moe = make_moe()
     u = np.random.default_rng(0).normal(size=(num_tokens, CFG.hidden_size)).astype(np.float32)
-    got, counts = moe(jnp.asarray(u))
+    got, counts, dropped = moe(jnp.asarray(u))
+    assert float(dropped) == 0.0  # one device: nothing is dropped
     want, chosen = numpy_moe(moe, u.astype(np.float64), CFG)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
     weights, got_chosen = moe.router(jnp.asarray(u))
@@ -65,20 +66,20 @@ def test_token_mask_excludes_padding_from_counts():
     moe = make_moe()
     u = jnp.asarray(np.random.default_rng(1).normal(size=(6, CFG.hidden_size)), jnp.float32)
     mask = jnp.asarray([1, 1, 0, 1, 0, 0], bool)
-    _, counts = moe(u, mask)
+    counts = moe(u, mask).expert_counts
     _, chosen = moe.router(u)
     kept = np.asarray(chosen)[np.asarray(mask)]
     np.testing.assert_array_equal(np.asarray(counts), np.bincount(kept.ravel(), minlength=CFG.num_experts))
 
 
-def test_routed_experts_with_all_tokens_on_one_expert_and_only_zero_experts():
+def test_grouped_experts_with_all_tokens_on_one_expert_and_only_zero_experts():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
     gate, up, down = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 8, 4), (3, 8, 4), (3, 4, 8)))
-    one_expert = routed_experts(x, jnp.full((5, 1), 2, jnp.int32), jnp.ones((5, 1)), gate, up, down)
+    one_expert = grouped_experts(x, jnp.full((5, 1), 2, jnp.int32), jnp.ones((5, 1)), gate, up, down)
     want = (jax.nn.silu(x @ gate[2]) * (x @ up[2])) @ down[2]
     np.testing.assert_allclose(np.asarray(one_expert), np.asarray(want), rtol=1e-5, atol=1e-5)
-    only_zero = routed_experts(x, jnp.full((5, 2), 3, jnp.int32), jnp.ones((5, 2)), gate, up, down)
+    only_zero = grouped_experts(x, jnp.full((5, 2), 3, jnp.int32), jnp.ones((5, 2)), gate, up, down)
     np.testing.assert_array_equal(np.asarray(only_zero), 0.0)
 
 

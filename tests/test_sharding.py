@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lite.config import get_config
+from lite.config import ConfigError, get_config
 from lite.model import LongcatModel
-from sharding.expert_parallel import ExpertParallel, expert_capacity
+from sharding.expert_parallel import expert_capacity
 from sharding.mesh import MeshSpecError, parse_mesh_spec
 from sharding.rules import LOGICAL_TO_MESH, describe_param_shardings, logical_to_spec
 
@@ -58,12 +58,15 @@ def test_every_parameter_has_logical_axes_and_mesh_axes_divide_or_are_dropped():
 
 def test_expert_capacity():
     cfg = get_config("tiny", n_routed_experts=8, moe_topk=3, zero_expert_num=4, target_ffn_experts_per_token=2.0)
-    assert expert_capacity(64, cfg, 1.0) == 16  # 64 tokens * 2 FFN slots / 8 experts
-    assert expert_capacity(64, cfg, 1.25) == 20
-    assert expert_capacity(64, cfg, 100.0) == 64  # never more than the tokens
-    assert expert_capacity(2, cfg, 0.01) == 1
-    with pytest.raises(ValueError, match="dispatch"):
-        ExpertParallel(dispatch="dense")
+    factor = lambda f: cfg.replace(expert_capacity_factor=f)
+    assert expert_capacity(64, factor(1.0)) == 16  # 64 tokens * 2 FFN slots / 8 experts
+    assert expert_capacity(64, factor(1.25)) == 20
+    assert expert_capacity(64, factor(100.0)) == 64  # never more than the tokens
+    assert expert_capacity(2, factor(0.01)) == 1
+    with pytest.raises(ConfigError, match="expert_dispatch"):
+        cfg.replace(expert_dispatch="dense")
+    with pytest.raises(ConfigError, match="expert_capacity_factor"):
+        cfg.replace(expert_capacity_factor=0.0)
 
 
 def _run(args, env_extra, timeout):
