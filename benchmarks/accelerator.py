@@ -43,8 +43,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lite.config import get_config  # noqa: E402
-from lite.model import DecodeCache, LongcatModel  # noqa: E402
-from lite.training import TrainConfig, TrainState, flops_per_token, make_train_step, optimizer, peak_flops  # noqa: E402
+from lite.model import DecodeCache, LongcatModel, abstract_model  # noqa: E402
+from lite.training import TrainConfig, flops_per_token, make_train_step, peak_flops, plan_state  # noqa: E402
 from pallas_kernels import backend as kernel_backend  # noqa: E402
 from pallas_kernels.ngram_gather import kernel_ngram_gather, ngram_gather  # noqa: E402
 from pallas_kernels.ragged_matmul import kernel_ragged_matmul, ragged_matmul_reference  # noqa: E402
@@ -125,14 +125,10 @@ def lite_2l():
                            ngram_vocab_ratio=1)).replace(name="lite-2l")
 
 
-def abstract_model_state(cfg):
-    return nnx.split(nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0))))
-
-
 def decode_programs(quick: bool) -> list[Program]:
     cfg = get_config("tiny") if quick else bf16(get_config("demo"))
     cache_len = 64 if quick else 1024
-    graphdef, state = abstract_model_state(cfg)
+    graphdef, state = nnx.split(abstract_model(cfg))
     row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     real_state = functools.cache(lambda: nnx.state(LongcatModel(cfg, rngs=nnx.Rngs(0))))  # one model, three batches
 
@@ -167,16 +163,9 @@ def train_programs(quick: bool, peak: float) -> list[Program]:
     programs = []
     for cfg in presets:
         tcfg = TrainConfig(batch_size=batch, seq_len=seq_len, steps=100)
-        graphdef, params, other = nnx.split(nnx.eval_shape(lambda cfg=cfg: LongcatModel(cfg, rngs=nnx.Rngs(0))),
-                                            nnx.Param, ...)
-        tx = optimizer(tcfg, params)
-
-        def create(cfg=cfg, tx=tx):
-            _, p, o = nnx.split(LongcatModel(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-            return TrainState(p, o, tx.init(p), jnp.zeros((), jnp.int32))
-
+        plan = plan_state(cfg, tcfg)
         tokens = sds((batch, seq_len), jnp.int32)
-        step = jax.jit(make_train_step(graphdef, tx, cfg, tcfg))
+        step = jax.jit(make_train_step(plan.graphdef, plan.tx, cfg, tcfg))
         per_token = flops_per_token(cfg, seq_len, cfg.target_ffn_experts_per_token)
 
         def rate(s, per_token=per_token):
@@ -186,8 +175,8 @@ def train_programs(quick: bool, peak: float) -> list[Program]:
 
         programs.append(Program(
             "train", f"training step, {cfg.name}", f"batch {batch} x {seq_len}, AdamW", step,
-            lambda create=create, tokens=tokens: (jax.eval_shape(create), tokens, tokens, sds((), jnp.int32)),
-            lambda create=create, cfg=cfg: (jax.jit(create)(), integers((batch, seq_len), cfg.vocab_size),
+            lambda plan=plan, tokens=tokens: (plan.abstract(), tokens, tokens, sds((), jnp.int32)),
+            lambda plan=plan, cfg=cfg: (jax.jit(plan.create)(), integers((batch, seq_len), cfg.vocab_size),
                                             jnp.ones((batch, seq_len), jnp.int32), jnp.int32(100)),
             rate))
     return programs

@@ -28,13 +28,14 @@ class MLAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h = cfg.hidden_size, cfg.num_heads
-        self.q_a_proj = linear(cfg, d, cfg.q_lora_rank, rngs=rngs)
+        self.q_a_proj = linear(cfg, d, cfg.q_lora_rank, ("embed", "q_lora"), rngs=rngs)
         self.q_a_norm = RMSNorm(cfg, cfg.q_lora_rank, LATENT_NORM_EPS)
-        self.q_b_proj = linear(cfg, cfg.q_lora_rank, h * cfg.qk_head_dim, rngs=rngs)
-        self.kv_a_proj = linear(cfg, d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, rngs=rngs)
+        self.q_b_proj = linear(cfg, cfg.q_lora_rank, h * cfg.qk_head_dim, ("q_lora", "heads"), rngs=rngs)
+        self.kv_a_proj = linear(cfg, d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("embed", "kv_lora"), rngs=rngs)
         self.kv_a_norm = RMSNorm(cfg, cfg.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = linear(cfg, cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), rngs=rngs)
-        self.o_proj = linear(cfg, h * cfg.v_head_dim, d, rngs=rngs)
+        self.kv_b_proj = linear(cfg, cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads"),
+                                rngs=rngs)
+        self.o_proj = linear(cfg, h * cfg.v_head_dim, d, ("heads", "embed"), rngs=rngs)
 
     def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[B, L, D] -> q_nope [B, L, H, nope], q_rope [B, L, H, rope] (scaled, rotated)."""

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from lite.config import ModelConfig, YarnScaling, check_field_names
-from lite.model import LongcatModel
+from lite.model import LongcatModel, abstract_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -61,11 +61,6 @@ def check_tensor_names(expected, present, problem: str) -> None:
 def model_state_arrays(model: nnx.Module) -> dict[str, jax.Array]:
     """Every variable of the model (parameters and the router bias) by dotted path."""
     return {".".join(map(str, path)): leaf[...] for path, leaf in nnx.to_flat_state(nnx.state(model))}
-
-
-def abstract_model(cfg: ModelConfig) -> LongcatModel:
-    """The model with shapes and dtypes only (nothing allocated)."""
-    return nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0)))
 
 
 def state_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:

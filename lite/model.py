@@ -31,7 +31,7 @@ from flax import nnx
 from lite import moe as moe_lib
 from lite.attention import MLAttention, attention_mask
 from lite.config import ModelConfig
-from lite.layers import RMSNorm, SwiGLU, linear
+from lite.layers import RMSNorm, SwiGLU, add_leading_axis, linear
 from lite.ngram import NgramEmbedding, ngram_cache
 from lite.rope import rope_angles
 
@@ -241,8 +241,9 @@ class LongcatModel(nnx.Module):
             return ShortcutLayer(cfg, rngs=rngs)
 
         self.layers = make_layers(rngs)
+        add_leading_axis(self.layers, "layers")
         self.final_norm = RMSNorm(cfg, cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs=rngs)
+        self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None) -> ModelOutput:
@@ -314,3 +315,8 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     count = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1), count
+
+
+def abstract_model(cfg: ModelConfig) -> LongcatModel:
+    """The model with shapes, dtypes and variable metadata only (nothing allocated)."""
+    return nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0)))

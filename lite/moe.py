@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from lite.config import ModelConfig
+from lite.layers import param
 from sharding.expert_parallel import (ExpertsFn, ExpertsOutput, grouped_swiglu, moe_on_mesh, sort_by_expert, unsort,
                                       weighted_slot_sum)
 from sharding.mesh import active_mesh
@@ -68,8 +69,9 @@ class Router(nnx.Module):
         self.cfg = cfg
         init = nnx.initializers.normal(cfg.initializer_range)
         # The router stays in float32 whatever the parameter dtype (as in the reference).
-        self.classifier = nnx.Param(init(rngs.params(), (cfg.hidden_size, cfg.num_experts), jnp.float32))
-        self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32))
+        self.classifier = param(init(rngs.params(), (cfg.hidden_size, cfg.num_experts), jnp.float32),
+                                "router_in", "router_experts")
+        self.bias = param(jnp.zeros((cfg.num_experts,), jnp.float32), "router_experts", kind=RouterBias)
 
     def weights(self) -> RouterWeights:
         return RouterWeights(self.classifier[...], self.bias[...])
@@ -156,9 +158,9 @@ class MoE(nnx.Module):
         init = nnx.initializers.normal(cfg.initializer_range)
         e, d, i, pdtype = cfg.n_routed_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size, cfg.jnp_param_dtype
         self.router = Router(cfg, rngs=rngs)
-        self.w_gate = nnx.Param(init(rngs.params(), (e, d, i), pdtype))
-        self.w_up = nnx.Param(init(rngs.params(), (e, d, i), pdtype))
-        self.w_down = nnx.Param(init(rngs.params(), (e, i, d), pdtype))
+        self.w_gate = param(init(rngs.params(), (e, d, i), pdtype), "experts", "embed", "expert_mlp")
+        self.w_up = param(init(rngs.params(), (e, d, i), pdtype), "experts", "embed", "expert_mlp")
+        self.w_down = param(init(rngs.params(), (e, i, d), pdtype), "experts", "expert_mlp", "embed")
 
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])

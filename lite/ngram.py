@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lite.config import ModelConfig
+from lite.layers import axes_metadata, param
 from sharding.mesh import active_mesh
 
 
@@ -147,14 +148,17 @@ class NgramEmbedding(nnx.Module):
         init = nnx.initializers.normal(cfg.initializer_range)
         pdtype = cfg.jnp_param_dtype
         d = cfg.hidden_size
-        self.token_table = nnx.Param(init(rngs.params(), (cfg.vocab_size, d), pdtype))  # [V0, D]
+        self.token_table = param(init(rngs.params(), (cfg.vocab_size, d), pdtype), "token_rows", "embed")  # [V0, D]
         if cfg.has_ngram:
             s, w = cfg.num_ngram_tables, cfg.ngram_table_width
-            self.ngram_table = nnx.Param(init(rngs.params(), (cfg.ngram_total_rows, w), pdtype))  # [R, D/S]
-            self.ngram_proj = nnx.Param(init(rngs.params(), (s, w, d), pdtype))  # [S, D/S, D]
+            self.ngram_table = param(init(rngs.params(), (cfg.ngram_total_rows, w), pdtype),  # [R, D/S]
+                                     "ngram_rows", "ngram_width")
+            self.ngram_proj = param(init(rngs.params(), (s, w, d), pdtype),  # [S, D/S, D]
+                                    "ngram_tables", "ngram_width", "embed")
             if cfg.embedding_amplification == "layernorm":
                 self.amplification_norm = nnx.LayerNorm(d, epsilon=1e-5, dtype=jnp.float32, param_dtype=pdtype,
-                                                        rngs=rngs)
+                                                        scale_metadata=axes_metadata("norm"),
+                                                        bias_metadata=axes_metadata("norm"), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """int32[B, L] -> [B, L, D] in the compute dtype."""

@@ -18,31 +18,33 @@ import numpy as np
 from flax import nnx
 
 from lite.config import ConfigError, ModelConfig, PRESETS, get_config
-from lite.model import LongcatModel
+from lite.layers import LOOKUP_AXES
+from lite.model import abstract_model
+from sharding.rules import variable_axes
 
-# Component of each parameter, by the deepest path entry that names one (layers/moe/router/... is a router).
-_COMPONENTS = (
-    ("token_table", "token embedding"),
-    ("ngram_table", "N-gram tables"),
-    ("ngram_proj", "N-gram projections"),
-    ("amplification_norm", "norms"),
-    ("attns", "attention (MLA)"),
-    ("mlps", "dense MLPs"),
-    ("router", "routers"),
-    ("moe", "FFN experts"),
-    ("lm_head", "LM head"),
-    ("norms", "norms"),
-    ("final_norm", "norms"),
+# The component of a parameter, by the first of its logical axes (lite.layers) found in this order.
+_COMPONENT_BY_AXIS = (
+    ("token_rows", "token embedding"),
+    ("ngram_rows", "N-gram tables"),
+    ("ngram_tables", "N-gram projections"),
+    ("experts", "FFN experts"),
+    ("router_experts", "routers"),
+    ("norm", "norms"),
+    ("q_lora", "attention (MLA)"),
+    ("kv_lora", "attention (MLA)"),
+    ("heads", "attention (MLA)"),
+    ("mlp", "dense MLPs"),
+    ("vocab", "LM head"),
 )
-_LOOKUP_ONLY = ("token embedding", "N-gram tables")
+_LOOKUP_COMPONENTS = {name for axis, name in _COMPONENT_BY_AXIS if axis in LOOKUP_AXES}
 
 
-def _component(path: tuple) -> str:
-    for key in reversed(path):
-        for needle, name in _COMPONENTS:
-            if needle in str(key):
-                return name
-    raise KeyError(f"parameter {'/'.join(map(str, path))} belongs to no known component")
+def component(path, variable: nnx.Variable) -> str:
+    axes = variable_axes(path, variable)
+    for axis, name in _COMPONENT_BY_AXIS:
+        if axis in axes:
+            return name
+    raise KeyError(f"parameter {jax.tree_util.keystr(path)} with logical axes {axes} belongs to no known component")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,7 @@ class ParamCounts:
 
     def activated(self, ffn_experts_per_token: float) -> float:
         dense = sum(n for name, n in self.by_component.items()
-                    if name not in _LOOKUP_ONLY and name != "FFN experts")
+                    if name not in _LOOKUP_COMPONENTS and name != "FFN experts")
         return dense + ffn_experts_per_token * self.per_expert * self.num_layers
 
     @property
@@ -68,11 +70,11 @@ class ParamCounts:
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
     """Parameter counts of a config, from `nnx.eval_shape` (no memory is allocated)."""
-    abstract = nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract_model(cfg), nnx.Param)
     by_component: dict[str, int] = {}
-    for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        name = _component(path)
-        by_component[name] = by_component.get(name, 0) + int(np.prod(leaf.shape))
+    for path, variable in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        name = component(path, variable)
+        by_component[name] = by_component.get(name, 0) + int(np.prod(variable.shape))
     per_expert = 3 * cfg.hidden_size * cfg.expert_ffn_hidden_size
     return ParamCounts(by_component, per_expert, cfg.num_layers, cfg.moe_topk)
 

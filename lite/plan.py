@@ -33,7 +33,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from lite.config import PRESETS, get_config  # noqa: E402
-from lite.model import DecodeCache, DecodeOutput, LongcatModel  # noqa: E402
+from lite.model import DecodeCache, DecodeOutput, abstract_model  # noqa: E402
+from lite.training import TrainConfig, make_train_step, plan_state  # noqa: E402
 from sharding.expert_parallel import resolve_dispatch  # noqa: E402
 from sharding.mesh import make_mesh, parse_mesh_spec  # noqa: E402
 from sharding.rules import activation_spec, state_specs  # noqa: E402
@@ -57,17 +58,10 @@ def per_device_bytes(tree, mesh) -> int:
     return total
 
 
-def abstract_model(cfg):
-    return nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0)))
-
-
 def compile_train_step(cfg, mesh, batch: int, seq_len: int):
-    from lite.training import TrainConfig, TrainState, make_train_step, optimizer
-
     tcfg = TrainConfig(batch_size=batch, seq_len=seq_len, steps=1)
-    graphdef, params, other = nnx.split(abstract_model(cfg), nnx.Param, ...)
-    tx = optimizer(tcfg, params)
-    state = jax.eval_shape(lambda p, o: TrainState(p, o, tx.init(p), jnp.zeros((), jnp.int32)), params, other)
+    plan = plan_state(cfg, tcfg)
+    graphdef, tx, state = plan.graphdef, plan.tx, plan.abstract()
     state = _abstract(state, state_specs(state, mesh), mesh)
     tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
                                   sharding=NamedSharding(mesh, activation_spec("tokens_in", mesh, (batch, seq_len))))

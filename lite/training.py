@@ -21,11 +21,12 @@ import optax
 from flax import nnx
 
 from lite.config import ConfigError, ModelConfig
-from lite.model import LongcatModel, next_token_loss
+from lite.layers import is_lookup
+from lite.model import LongcatModel, abstract_model, next_token_loss
 from lite.moe import ffn_experts_per_token
 from lite.ngram import ngram_ids
 from lite.params import count_params
-from sharding.rules import state_shardings
+from sharding.rules import state_shardings, variable_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ class TrainConfig:
         need(self.steps > 0 or self.minutes > 0, f"minutes must be > 0 when steps = 0, got {self.minutes}")
         need(self.seq_len >= 2, f"seq_len must be >= 2 (next-token targets), got {self.seq_len}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        need(0 <= self.min_learning_rate_ratio <= 1, f"min_learning_rate_ratio must lie in [0, 1]")
+        need(0 <= self.min_learning_rate_ratio <= 1, f"min_learning_rate_ratio must lie in [0, 1], got {self.min_learning_rate_ratio}")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
         for name in ("weight_decay", "grad_clip", "z_loss", "peak_tflops"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -127,18 +128,16 @@ def learning_rate(step: jax.Array, total_steps: jax.Array, tcfg: TrainConfig) ->
     return tcfg.learning_rate * jnp.where(step < warmup, (step + 1) / warmup, cosine)
 
 
-_NO_DECAY = ("norm", "bias", "token_table", "ngram_table")
-
-
-def decays(path: tuple) -> bool:
-    """Weight decay applies to matrices, not to norms, biases or embedding tables (rows not looked up
-    in a step would shrink anyway; with N-gram tables that is most rows)."""
-    return not any(needle in str(key) for key in path for needle in _NO_DECAY)
+def decays(axes: tuple[str, ...]) -> bool:
+    """Weight decay applies to matrices, not to norms or lookup tables (lite.layers.LOOKUP_AXES: rows
+    not looked up in a step would shrink anyway; with N-gram tables that is most rows)."""
+    return "norm" not in axes and not is_lookup(axes)
 
 
 def weight_decay_mask(params: nnx.State) -> Any:
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: decays(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)), params)
+    """params with each Variable's value replaced by whether it decays (by its logical axes)."""
+    return jax.tree_util.tree_map_with_path(lambda path, v: v.replace(decays(variable_axes(path, v))), params,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def optimizer(tcfg: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
@@ -160,20 +159,37 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimizer steps taken
 
 
-def init_state(cfg: ModelConfig, tcfg: TrainConfig, mesh=None
-               ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
-    """A fresh model (seeded with tcfg.seed) and optimizer state, created in one compiled call
-    (creating the model eagerly compiles every initializer separately: seconds per run), and
-    placed on `mesh` by sharding.rules (experts, N-gram rows and dense weights split as the mesh allows)."""
-    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(lambda: LongcatModel(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+class StatePlan(NamedTuple):
+    """What a training state is before it exists: its graph, its optimizer, the function that creates it."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    create: Callable[[], TrainState]  # a fresh model (seeded with tcfg.seed) and optimizer state
+
+    def abstract(self) -> TrainState:
+        """Shapes, dtypes and variable metadata only (nothing allocated)."""
+        return jax.eval_shape(self.create)
+
+
+def plan_state(cfg: ModelConfig, tcfg: TrainConfig) -> StatePlan:
+    graphdef, abstract_params, _ = nnx.split(abstract_model(cfg), nnx.Param, ...)
     tx = optimizer(tcfg, abstract_params)
 
     def create() -> TrainState:
         _, params, other = nnx.split(LongcatModel(cfg, rngs=nnx.Rngs(tcfg.seed)), nnx.Param, ...)
         return TrainState(params, other, tx.init(params), jnp.zeros((), jnp.int32))
 
-    shardings = None if mesh is None else state_shardings(jax.eval_shape(create), mesh)
-    return graphdef, jax.jit(create, out_shardings=shardings)(), tx
+    return StatePlan(graphdef, tx, create)
+
+
+def init_state(cfg: ModelConfig, tcfg: TrainConfig, mesh=None
+               ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
+    """A fresh model and optimizer state, created in one compiled call (creating the model eagerly
+    compiles every initializer separately: seconds per run), and placed on `mesh` by sharding.rules
+    (experts, N-gram rows and dense weights split as the mesh allows)."""
+    plan = plan_state(cfg, tcfg)
+    shardings = None if mesh is None else state_shardings(plan.abstract(), mesh)
+    return plan.graphdef, jax.jit(plan.create, out_shardings=shardings)(), plan.tx
 
 
 def z_loss(logits: jax.Array, segment_ids: jax.Array) -> jax.Array:
