@@ -44,6 +44,7 @@ from flax import nnx  # noqa: E402
 
 from lite.config import get_config  # noqa: E402
 from lite.model import DecodeCache, LongcatModel, abstract_model  # noqa: E402
+from lite.ngram import row_spec  # noqa: E402
 from lite.training import TrainConfig, flops_per_token, make_train_step, peak_flops, plan_state  # noqa: E402
 from pallas_kernels import backend as kernel_backend  # noqa: E402
 from pallas_kernels.ngram_gather import kernel_ngram_gather, ngram_gather  # noqa: E402
@@ -100,9 +101,9 @@ def kernel_programs(quick: bool, backend: str) -> list[Program]:
     matmul_shape = f"m={m} k={k} n={n} g={g} bf16"
     return [
         Program("kernels", "ngram gather, hash fused (kernel)", shape,
-                jax.jit(lambda t, w: kernel_ngram_gather(t, w, cfg, True, backend=backend)), *gather_args, gb_s),
+                jax.jit(lambda t, w: kernel_ngram_gather(t, w, row_spec(cfg), "windows", backend=backend)), *gather_args, gb_s),
         Program("kernels", "ngram gather, XLA hash + take", shape,
-                jax.jit(lambda t, w: ngram_gather(t, cfg, windows=w, implementation="xla")), *gather_args, gb_s,
+                jax.jit(lambda t, w: ngram_gather(t, row_spec(cfg), windows=w, implementation="xla")), *gather_args, gb_s,
                 baseline_of="ngram gather, hash fused (kernel)", needs_kernels=False),
         Program("kernels", "grouped matmul (kernel)", matmul_shape,
                 jax.jit(lambda a, b, s: kernel_ragged_matmul(a, b, s, jnp.int32(0), backend, None)), *matmul_args,

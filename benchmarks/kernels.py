@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lite.config import get_config
-from lite.ngram import ngram_windows
+from lite.ngram import ngram_windows, row_spec
 from pallas_kernels.ngram_gather import kernel_ngram_gather, ngram_gather
 from pallas_kernels.ragged_matmul import kernel_ragged_matmul, ragged_matmul_reference
 from pallas_kernels.ragged_matmul.xla_tiled import tiled_ragged_matmul
@@ -84,8 +84,8 @@ def bench_ngram(args, backend, rows_out):
         ids = jax.random.randint(jax.random.key(1), (1, tokens), 0, cfg.vocab_size, jnp.int32)
         windows = ngram_windows(ids, cfg).reshape(tokens, cfg.ngram_n)
         moved = 2 * tokens * cfg.num_ngram_tables * cfg.ngram_table_width * table.dtype.itemsize  # read + write
-        ours = jax.jit(lambda t, w: kernel_ngram_gather(t, w, cfg, True, backend=backend))
-        xla = jax.jit(lambda t, w: ngram_gather(t, cfg, windows=w, implementation="xla"))
+        ours = jax.jit(lambda t, w: kernel_ngram_gather(t, w, row_spec(cfg), "windows", backend=backend))
+        xla = jax.jit(lambda t, w: ngram_gather(t, row_spec(cfg), windows=w, implementation="xla"))
         np.testing.assert_array_equal(np.asarray(ours(table, windows)), np.asarray(xla(table, windows)))
         t_ours, t_xla = timed(ours, table, windows, repeats=args.repeats), timed(xla, table, windows, repeats=args.repeats)
         shape = (f"T={tokens} S={cfg.num_ngram_tables} w={cfg.ngram_table_width} {jnp.dtype(dtype).name}, "

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lite.config import get_config
-from pallas_kernels.ngram_gather import flat_rows
+from lite.ngram import row_spec
 from sharding.mesh import make_mesh
 from sharding.ngram import gather_rows
 
@@ -63,14 +63,14 @@ def main(argv=None) -> int:
     windows = jax.device_put(
         jnp.asarray(rng.integers(0, cfg.vocab_size, (n * args.tokens_per_device, cfg.ngram_n)), jnp.int32),
         NamedSharding(mesh, P("data", None)))
-    ids = flat_rows(windows, cfg, hashed=True)  # [T, S] flat rows, for the all-to-all
+    ids = row_spec(cfg).flat_rows(windows, "windows")  # [T, S] flat rows, for the all-to-all
     cotangent = jnp.asarray(rng.normal(size=ids.shape + (width,)), jnp.float32)
     want = np.asarray(table)[np.asarray(ids)]
     print(f"{n} CPU devices, table {rows} x {width} f32 rows split {n} ways, "
           f"{args.tokens_per_device} tokens x {cfg.num_ngram_tables} lookups per device; forward + backward")
     print(f"{'method':<36}{'ms / step':>10}{'ratio':>8}")
     results = {}
-    methods = (("window all-gather + psum_scatter", lambda t, mesh: gather_rows(t, cfg, mesh, windows=windows)),
+    methods = (("window all-gather + psum_scatter", lambda t, mesh: gather_rows(t, row_spec(cfg), mesh, windows=windows)),
                ("id all-to-all, dropless buffers", lambda t, mesh: gather_by_id_all_to_all(t, ids, mesh)))
     for name, fn in methods:
         def loss(t, fn=fn):

@@ -10,7 +10,7 @@ with 0 wherever t_{i-j} lies before the start of token i's segment. A token of 0
 hash, so "before the segment start" and "before the sequence start" are the same thing. The full
 sequence form builds windows by shifting; the decode form keeps the last N-1 window entries per
 sequence (the N-gram cache). Both hand windows to the same gather, which hashes them (inside the
-Pallas kernel on TPU/GPU, with `hash_windows` in XLA), so they agree by construction.
+Pallas kernel on TPU/GPU, with `RowSpec.hash_windows` in XLA), so they agree by construction.
 
 Segment starts: position 0, every change of `segment_ids`, and the position after every EOS
 (an EOS is never left context; at the EOS itself its n-grams still see the tokens before it).
@@ -18,59 +18,29 @@ Segment starts: position 0, every change of `segment_ids`, and the position afte
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lite.config import ModelConfig
 from lite.layers import axes_metadata, param
+from pallas_kernels.ngram_gather import RowSpec, ngram_gather
 from sharding.mesh import active_mesh
+from sharding.ngram import gather_rows
 
 
 # ---------------------------------------------------------------------------------------------
-# Hash, exact in 32-bit integers.
+# The hashed table: its spec (the hash itself is the gather op's, pallas_kernels.ngram_gather.rows).
 
-def hash_coefficients(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """coefficients[j, s] = V0^j mod V_s for j < order(s), else 0; moduli[s] = V_s (both uint32)."""
-    sizes, orders = cfg.ngram_table_sizes, cfg.ngram_table_orders
-    coefficients = np.zeros((cfg.ngram_n, len(sizes)), np.uint32)
-    for s, (size, order) in enumerate(zip(sizes, orders)):
-        for j in range(order):
-            coefficients[j, s] = pow(cfg.vocab_size, j, size)  # reduced first: no overflow
-    return coefficients, np.asarray(sizes, np.uint32)
-
-
-def _mulmod(a, b, modulus, *, a_bits: int, modulus_bits: int):
-    """(a * b) mod modulus for uint32 a < 2^a_bits and b < modulus < 2^modulus_bits.
-
-    The product reaches 2^41 at the released sizes, so it is formed by Horner's rule over chunks
-    of a that are narrow enough that no intermediate leaves 32 bits:
-    r < m and chunk < 2^w give r * 2^w < 2^32 and chunk * b < 2^32 when m <= 2^(32-w).
-    """
-    chunk_bits = 32 - modulus_bits
-    chunk_mask = jnp.uint32((1 << chunk_bits) - 1)
-    r = jnp.zeros(jnp.broadcast_shapes(a.shape, b.shape, modulus.shape), jnp.uint32)
-    for shift in reversed(range(0, a_bits, chunk_bits)):
-        chunk = (a >> jnp.uint32(shift)) & chunk_mask
-        r = ((r << jnp.uint32(chunk_bits)) % modulus + (chunk * b) % modulus) % modulus
-    return r
-
-
-def hash_windows(windows: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """int32[..., N] windows -> int32[..., S] row ids, local to each sub-table."""
-    coefficients, moduli = hash_coefficients(cfg)
-    modulus_bits = int(moduli.max()).bit_length()
-    a_bits = max(cfg.vocab_size - 1, 1).bit_length()
-    t = windows.astype(jnp.uint32)[..., :, None]  # [..., N, 1]
-    terms = _mulmod(t, jnp.asarray(coefficients), jnp.asarray(moduli),
-                    a_bits=a_bits, modulus_bits=modulus_bits)  # [..., N, S], each < V_s
-    ids = jnp.zeros(terms.shape[:-2] + terms.shape[-1:], jnp.uint32)
-    for j in range(cfg.ngram_n):  # residues < 2^31: the sum of two cannot wrap
-        ids = (ids + terms[..., j, :]) % jnp.asarray(moduli)
-    return ids.astype(jnp.int32)
+@functools.cache
+def row_spec(cfg: ModelConfig) -> RowSpec:
+    """The flat N-gram table of a config: sub-table sizes V_s and orders, the window of N tokens."""
+    if not cfg.has_ngram:
+        raise ValueError(f"{cfg.name} has no N-gram embedding (ngram_n >= 2 is needed)")
+    return RowSpec(cfg.vocab_size, cfg.ngram_n, cfg.ngram_table_sizes, cfg.ngram_table_orders)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +72,7 @@ def ngram_windows(tokens: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | 
 
 def ngram_ids(tokens: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | None = None) -> jax.Array:
     """int32[B, L] tokens -> int32[B, L, S] sub-table row ids (local to each sub-table)."""
-    return hash_windows(ngram_windows(tokens, cfg, segment_ids), cfg)
+    return row_spec(cfg).hash_windows(ngram_windows(tokens, cfg, segment_ids))
 
 
 def ngram_cache(tokens: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | None = None,
@@ -125,7 +95,7 @@ def ngram_cache(tokens: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | No
 def ngram_step(new_tokens: jax.Array, cache: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """One decode step: int32[B] tokens, int32[B, N-1] cache -> (int32[B, N] windows, new cache).
 
-    The windows are the new tokens' rows of `ngram_windows`; `hash_windows` turns them into ids.
+    The windows are the new tokens' rows of `ngram_windows`; `row_spec(cfg).hash_windows` turns them into ids.
     """
     new_tokens = new_tokens.astype(jnp.int32)
     window = jnp.concatenate([new_tokens[:, None], cache], axis=1)  # [B, N]
@@ -184,16 +154,11 @@ class NgramEmbedding(nnx.Module):
         out = jnp.take(self.token_table[...], tokens, axis=0).astype(dtype)
         if not cfg.has_ngram:
             return out
-        # Imported here: pallas_kernels imports this module.
-        from pallas_kernels.ngram_gather import ngram_gather
-
         mesh = active_mesh()  # under jax.set_mesh: the table's rows are split over the devices
         if mesh is not None:
-            from sharding.ngram import gather_rows
-
-            gathered = gather_rows(self.ngram_table[...], cfg, mesh, windows=windows).astype(dtype)
+            gathered = gather_rows(self.ngram_table[...], row_spec(cfg), mesh, windows=windows).astype(dtype)
         else:
-            gathered = ngram_gather(self.ngram_table[...], cfg, windows=windows).astype(dtype)  # [..., S, D/S]
+            gathered = ngram_gather(self.ngram_table[...], row_spec(cfg), windows=windows).astype(dtype)  # [..., S, D/S]
         projected = jnp.einsum("...sw,swd->...d", gathered, self.ngram_proj[...].astype(dtype))
         out = (out + projected) / (cfg.num_ngram_tables + 1)
         if cfg.embedding_amplification == "sqrt_d":

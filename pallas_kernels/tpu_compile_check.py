@@ -19,11 +19,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from lite.config import get_config  # noqa: E402
-from pallas_kernels.ngram_gather import kernel_ngram_gather  # noqa: E402
+from pallas_kernels.ngram_gather import RowSpec, kernel_ngram_gather  # noqa: E402
 from pallas_kernels.ragged_matmul import kernel_ragged_matmul  # noqa: E402
 
 TOPOLOGIES = ("v5e:2x2", "v6e:2x2")  # more on the command line, e.g. v5p:2x2x1
+
+# The N-gram tables of two presets (lite.ngram.row_spec; V_s = ratio * V0 + 2s + 1), with their row widths.
+DEMO = RowSpec(vocab_size=4096, window=3, table_sizes=(32769, 32771, 32773, 32775), table_orders=(2, 2, 3, 3))
+DEMO_WIDTH = 64
+# The released model's layout at ngram_vocab_ratio 1: 12 sub-tables of width 256, orders 2, 3, 4.
+LITE = RowSpec(vocab_size=131072, window=4, table_sizes=tuple(131072 + 2 * s + 1 for s in range(12)),
+               table_orders=(2,) * 4 + (3,) * 4 + (4,) * 4)
+LITE_WIDTH = 256
 
 
 def cases():
@@ -37,25 +44,22 @@ def cases():
             return jnp.sum(out.astype(jnp.float32) ** 2)
         shapes = (s((m, k), bf16), s((g, k, n), bf16), s((g,), i32), s((), i32))
         yield f"ragged_matmul vjp m={m} k={k} n={n} g={g}", jax.grad(matmul_loss, argnums=(0, 1)), shapes
-    cfg = get_config("demo")
-    for hashed, columns in ((True, cfg.ngram_n), (False, cfg.num_ngram_tables)):
-        def gather_loss(table, keys, hashed=hashed):
-            rows = kernel_ngram_gather(table, keys, cfg, hashed, backend="tpu")
+    for key_kind in ("windows", "ids"):
+        def gather_loss(table, keys, key_kind=key_kind):
+            rows = kernel_ngram_gather(table, keys, DEMO, key_kind, backend="tpu")
             return jnp.sum(rows.astype(jnp.float32) ** 2)
         for dtype in (jnp.float32, bf16):  # bf16: row pairs (ngram_gather/tpu.py)
-            shapes = (s((cfg.ngram_total_rows, cfg.ngram_table_width), dtype), s((1000, columns), i32))
-            name = f"ngram_gather {'windows' if hashed else 'ids'} {jnp.dtype(dtype).name}"
+            shapes = (s((DEMO.total_rows, DEMO_WIDTH), dtype), s((1000, DEMO.num_keys(key_kind)), i32))
+            name = f"ngram_gather {key_kind} {jnp.dtype(dtype).name}"
             # The VJP is XLA code shared by both keys; XLA:TPU takes minutes over it with the hash
-            # inside, so the hashed kernel compiles forward only.
-            yield (f"{name} vjp", jax.grad(gather_loss), shapes) if not hashed else (f"{name} fwd", gather_loss, shapes)
-    # The released model's layout: bf16, 12 sub-tables of width 256 (a 0.8 GB table at ratio 1). Its
-    # temp size shows that no copy of the table is made (the demo's 64-wide table is relaid out on v5p,
-    # where XLA stores such a narrow parameter transposed).
-    lite = get_config("longcat-flash-lite", ngram_vocab_ratio=1)
-
+            # inside, so the hashing kernel compiles forward only.
+            yield (f"{name} vjp", jax.grad(gather_loss), shapes) if key_kind == "ids" else (f"{name} fwd", gather_loss, shapes)
+    # A bf16 table of the released layout (0.8 GB): its temp size shows that no copy of the table is
+    # made (the demo's 64-wide table is relaid out on v5p, where XLA stores such a narrow parameter
+    # transposed).
     def lite_rows(table, windows):
-        return kernel_ngram_gather(table, windows, lite, True, backend="tpu")
-    shapes = (s((lite.ngram_total_rows, lite.ngram_table_width), bf16), s((4096, lite.ngram_n), i32))
+        return kernel_ngram_gather(table, windows, LITE, "windows", backend="tpu")
+    shapes = (s((LITE.total_rows, LITE_WIDTH), bf16), s((4096, LITE.window), i32))
     yield "ngram_gather windows bfloat16 fwd, 12 x 256 wide", lite_rows, shapes
 
 

@@ -23,7 +23,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.ngram_gather import ngram_gather
+from pallas_kernels.ngram_gather import RowSpec, ngram_gather
 from sharding.mesh import batch_axes
 from sharding.rules import logical_to_spec
 
@@ -33,8 +33,8 @@ def table_row_axes(mesh, table_shape: tuple[int, ...]) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def gather_rows(table: jax.Array, cfg, mesh, *, windows: jax.Array | None = None, ids: jax.Array | None = None,
-                implementation: str = "auto") -> jax.Array:
+def gather_rows(table: jax.Array, spec: RowSpec, mesh, *, windows: jax.Array | None = None,
+                ids: jax.Array | None = None) -> jax.Array:
     """table [R, w] with its rows split over the mesh, keys int32[..., N] windows or int32[..., S]
     local ids (leading dims split over every mesh axis) -> [..., S, w], as `ngram_gather`."""
     keys = windows if windows is not None else ids
@@ -52,10 +52,10 @@ def gather_rows(table: jax.Array, cfg, mesh, *, windows: jax.Array | None = None
 
     def local(table_part: jax.Array, keys: jax.Array) -> jax.Array:  # [R/|A|, w], [T, C] -> [T, S, w]
         if not row_axes:  # a replicated table: every row is here
-            return ngram_gather(table_part, cfg, implementation=implementation, **{key_name: keys})
+            return ngram_gather(table_part, spec, **{key_name: keys})
         group_keys = jax.lax.all_gather(keys, row_axes, axis=0, tiled=True)  # [|A| T, C]
         row_start = jax.lax.axis_index(row_axes) * local_rows
-        got = ngram_gather(table_part, cfg, row_start=row_start, implementation=implementation,
+        got = ngram_gather(table_part, spec, row_start=row_start,
                            **{key_name: group_keys})
         return jax.lax.psum_scatter(got, row_axes, scatter_dimension=0, tiled=True)
 

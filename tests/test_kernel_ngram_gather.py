@@ -5,6 +5,8 @@ chunks per product (as at the released sizes) while the table stays small (width
 """
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +16,15 @@ from hypothesis import given, settings, strategies as st
 from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 
-import pallas_kernels.ngram_gather as ngram_gather_package
+import lite.ngram
 from lite.config import get_config
-from lite.ngram import NgramEmbedding, ngram_cache, ngram_ids, ngram_windows
-from pallas_kernels.ngram_gather import RowSpec, kernel_ngram_gather, ngram_gather, scatter_add_rows
+from lite.ngram import NgramEmbedding, ngram_cache, ngram_ids, ngram_windows, row_spec
+from pallas_kernels.ngram_gather import kernel_ngram_gather, ngram_gather, scatter_add_rows
+from oracles import python_ngram_ids_of
+from pallas_kernels.ngram_gather import tpu as tpu_gather
 
 CFG = get_config("tiny", vocab_size=40000, ngram_vocab_ratio=3, hidden_size=16)
+SPEC = row_spec(CFG)
 B, L = 2, 23
 TABLE = np.random.default_rng(0).normal(size=(CFG.ngram_total_rows, CFG.ngram_table_width)).astype(np.float32)
 
@@ -34,26 +39,24 @@ def batches(draw, cfg=CFG, length=L):
     return tokens, segments
 
 
-jitted_ngram_ids = jax.jit(ngram_ids, static_argnums=1)
 jitted_windows = jax.jit(ngram_windows, static_argnums=1)
 
 
 def expected_rows(cfg, tokens, segments):
-    """int64[B*L, S] flat rows from lite.ngram.ngram_ids (the model's hash), by NumPy."""
-    ids = np.asarray(jitted_ngram_ids(jnp.asarray(tokens), cfg, jnp.asarray(segments)))
-    ids = ids.reshape(-1, cfg.num_ngram_tables)
-    return ids.astype(np.int64) + np.asarray(cfg.ngram_table_offsets)
+    """int64[B*L, S] flat rows: the hash in Python integers (tests/oracles.py) plus the sub-table offsets."""
+    ids = np.concatenate([python_ngram_ids_of(row, cfg, segs) for row, segs in zip(tokens, segments)])
+    return ids + np.asarray(cfg.ngram_table_offsets)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def spec_rows(windows, cfg):
-    return jnp.stack(RowSpec.from_config(cfg, hashed=True).rows(lambda c: windows[:, c]), -1)
+    return jnp.stack(row_spec(cfg).kernel_rows(lambda c: windows[:, c], "windows"), -1)
 
 
 @settings(max_examples=30, deadline=None)
 @given(batch=batches(cfg=get_config("longcat-flash-lite"), length=16))
-def test_in_kernel_hash_equals_lite_ngram_ids_at_released_sizes(batch):
-    """RowSpec.rows (the int32 re-expression the kernels run) against lite's uint32 hash, 131k vocab."""
+def test_in_kernel_hash_equals_python_integers_at_released_sizes(batch):
+    """RowSpec.kernel_rows (the int32 form the kernels run) against Python integers, 131k vocab."""
     cfg = get_config("longcat-flash-lite")
     tokens, segments = batch
     windows = jitted_windows(jnp.asarray(tokens), cfg, jnp.asarray(segments)).reshape(-1, cfg.ngram_n)
@@ -61,9 +64,9 @@ def test_in_kernel_hash_equals_lite_ngram_ids_at_released_sizes(batch):
     np.testing.assert_array_equal(np.asarray(rows), expected_rows(cfg, tokens, segments))
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "hashed"))
-def kernel_rows(table, keys, *, backend, hashed):
-    return kernel_ngram_gather(table, keys, CFG, hashed, backend=backend, block_tokens=16)
+@functools.partial(jax.jit, static_argnames=("backend", "key_kind"))
+def kernel_rows(table, keys, *, backend, key_kind):
+    return kernel_ngram_gather(table, keys, SPEC, key_kind, backend=backend, block_tokens=16)
 
 
 def keys_of(tokens, segments):
@@ -81,8 +84,8 @@ def test_kernel_rows_equal_the_table_at_lite_ids(backend, dtype, batch):
     windows, ids = keys_of(tokens, segments)
     table = jnp.asarray(TABLE, dtype)
     want = np.asarray(table)[expected_rows(CFG, tokens, segments)]  # [T, S, w]
-    for keys, hashed in ((windows, True), (ids, False)):
-        got = kernel_rows(table, keys, backend=backend, hashed=hashed)
+    for keys, key_kind in ((windows, "windows"), (ids, "ids")):
+        got = kernel_rows(table, keys, backend=backend, key_kind=key_kind)
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -101,9 +104,9 @@ def test_table_gradient_is_the_scatter_add_of_row_gradients(backend):
 
     def loss(table):
         if backend == "xla":
-            rows = ngram_gather(table, CFG, windows=windows, implementation="xla")
+            rows = ngram_gather(table, SPEC, windows=windows, implementation="xla")
         else:
-            rows = kernel_ngram_gather(table, windows, CFG, True, backend=backend, block_tokens=16)
+            rows = kernel_ngram_gather(table, windows, SPEC, "windows", backend=backend, block_tokens=16)
         return jnp.sum(rows * d_rows.astype(np.float32))
 
     grad = jax.jit(jax.grad(loss))(jnp.asarray(TABLE))
@@ -130,7 +133,7 @@ def test_tpu_simulator_finds_no_races_or_out_of_bounds_dmas(dtype):
     rows = expected_rows(CFG, tokens, segments)
     table = jnp.asarray(TABLE, dtype)
     params = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise")
-    got = kernel_ngram_gather(table, windows, CFG, True, backend=params, block_tokens=16)
+    got = kernel_ngram_gather(table, windows, SPEC, "windows", backend=params, block_tokens=16)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(table)[rows])
 
 
@@ -148,9 +151,9 @@ def test_bf16_rows_and_table_gradient_equal_the_xla_reference():
     @functools.partial(jax.value_and_grad, has_aux=True)
     def loss(table, backend):
         if backend == "xla":
-            rows = ngram_gather(table, CFG, ids=ids, implementation="xla")
+            rows = ngram_gather(table, SPEC, ids=ids, implementation="xla")
         else:
-            rows = kernel_ngram_gather(table, jnp.asarray(ids), CFG, False, backend=backend, block_tokens=16)
+            rows = kernel_ngram_gather(table, jnp.asarray(ids), SPEC, "ids", backend=backend, block_tokens=16)
         return jnp.sum(rows.astype(jnp.float32) * d_rows), rows
 
     (_, want), want_grad = loss(table, "xla")
@@ -162,14 +165,11 @@ def test_bf16_rows_and_table_gradient_equal_the_xla_reference():
 
 
 def test_tpu_kernel_refuses_tables_it_cannot_copy():
-    from pallas_kernels.ngram_gather import tpu
-
-    spec = RowSpec.from_config(CFG, hashed=False)
     keys = jnp.zeros((4, CFG.num_ngram_tables), jnp.int32)
     with pytest.raises(ValueError, match="even number of rows"):
-        tpu.gather(jnp.zeros((7, 4), jnp.bfloat16), keys, jnp.int32(0), spec, interpret=True)
+        tpu_gather.gather(jnp.zeros((7, 4), jnp.bfloat16), keys, jnp.int32(0), SPEC, "ids", interpret=True)
     with pytest.raises(ValueError, match="float16 tables are not supported"):
-        tpu.gather(jnp.zeros((8, 4), jnp.float16), keys, jnp.int32(0), spec, interpret=True)
+        tpu_gather.gather(jnp.zeros((8, 4), jnp.float16), keys, jnp.int32(0), SPEC, "ids", interpret=True)
 
 
 def test_dispatch_keeps_leading_dims_and_rejects_bad_keys():
@@ -177,14 +177,14 @@ def test_dispatch_keeps_leading_dims_and_rejects_bad_keys():
     ids = ngram_ids(jnp.asarray(tokens), CFG)
     want = TABLE[expected_rows(CFG, tokens, np.ones((B, L), np.int32))].reshape(B, L, CFG.num_ngram_tables, -1)
     for implementation in ("auto", "pallas"):
-        got = ngram_gather(jnp.asarray(TABLE), CFG, ids=ids, implementation=implementation)
+        got = ngram_gather(jnp.asarray(TABLE), SPEC, ids=ids, implementation=implementation)
         np.testing.assert_array_equal(np.asarray(got), want)
     with pytest.raises(ValueError, match="exactly one of windows"):
-        ngram_gather(jnp.asarray(TABLE), CFG, ids=ids, windows=ids)
+        ngram_gather(jnp.asarray(TABLE), SPEC, ids=ids, windows=ids)
     with pytest.raises(ValueError, match=r"ids must be integers \[\.\.\., 4\]"):
-        ngram_gather(jnp.asarray(TABLE), CFG, ids=ids[..., :3])
+        ngram_gather(jnp.asarray(TABLE), SPEC, ids=ids[..., :3])
     with pytest.raises(ValueError, match="table must be"):
-        ngram_gather(jnp.asarray(TABLE[:10]), CFG, ids=ids)
+        ngram_gather(jnp.asarray(TABLE[:10]), SPEC, ids=ids)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -216,11 +216,11 @@ def test_embedding_hands_windows_to_the_kernel_and_matches_xla(dtype, monkeypatc
     want = run()  # CPU: "auto" is the XLA reference
     keys = []
 
-    def forced(table, cfg, **kwargs):
+    def forced(table, spec, **kwargs):
         keys.append(tuple(kwargs))
-        return ngram_gather(table, cfg, **kwargs, implementation="pallas")
+        return ngram_gather(table, spec, **kwargs, implementation="pallas")
 
-    monkeypatch.setattr(ngram_gather_package, "ngram_gather", forced)
+    monkeypatch.setattr(lite.ngram, "ngram_gather", forced)
     got = run()
     assert keys and set(keys) == {("windows",)}, keys
     for name, a, b in zip(("prefill", "decode", "table gradient"), got, want):
@@ -251,11 +251,11 @@ def test_a_table_shard_gives_its_own_rows_and_zeros_elsewhere(backend, dtype):
 
     def loss(shard):
         if backend == "xla":
-            got = ngram_gather(shard, CFG, windows=jnp.asarray(windows), row_start=start, implementation="xla")
+            got = ngram_gather(shard, SPEC, windows=jnp.asarray(windows), row_start=start, implementation="xla")
         else:
             kind = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise") if backend == "simulator" \
                 else backend
-            got = kernel_ngram_gather(shard, jnp.asarray(windows), CFG, True, backend=kind, row_start=start,
+            got = kernel_ngram_gather(shard, jnp.asarray(windows), SPEC, "windows", backend=kind, row_start=start,
                                       block_tokens=16)
         return jnp.sum(got.astype(jnp.float32) * d_rows), got
 
@@ -263,3 +263,24 @@ def test_a_table_shard_gives_its_own_rows_and_zeros_elsewhere(backend, dtype):
     np.testing.assert_array_equal(np.asarray(got, np.float32), want.astype(np.float32))
     np.testing.assert_allclose(np.asarray(grad, np.float32), want_grad, rtol=1e-2 if dtype == "bfloat16" else 1e-5,
                                atol=1e-2 if dtype == "bfloat16" else 1e-5)
+
+
+def test_compile_check_tables_are_the_presets():
+    """pallas_kernels.tpu_compile_check spells the demo's and the released layout's tables out (the
+    kernels may not import lite): they must be what the configs give. In its own process: importing
+    it sets libtpu's environment."""
+    check = """
+from lite.config import get_config
+from lite.ngram import row_spec
+from pallas_kernels import tpu_compile_check as c
+demo, lite = get_config("demo"), get_config("longcat-flash-lite", ngram_vocab_ratio=1)
+assert (c.DEMO, c.DEMO_WIDTH) == (row_spec(demo), demo.ngram_table_width)
+assert (c.LITE, c.LITE_WIDTH) == (row_spec(lite), lite.ngram_table_width)
+"""
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_key_kinds_are_named():
+    with pytest.raises(ValueError, match="keys must be one of"):
+        SPEC.num_keys("hashed")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lite.config import ModelConfig
 from pallas_kernels import backend as backends
 from pallas_kernels import interpret
 from pallas_kernels.ngram_gather import gpu, tpu
@@ -13,10 +12,10 @@ from pallas_kernels.ngram_gather.reference import gather_with_vjp, ngram_gather_
 from pallas_kernels.ngram_gather.rows import RowSpec
 
 
-def ngram_gather(table: jax.Array, cfg: ModelConfig, *, windows: jax.Array | None = None,
+def ngram_gather(table: jax.Array, spec: RowSpec, *, windows: jax.Array | None = None,
                  ids: jax.Array | None = None, row_start: jax.Array | int | None = None,
                  implementation: str = "auto") -> jax.Array:
-    """The rows of the flat N-gram table [R, w] for every token -> [..., S, w].
+    """The rows of the flat N-gram table [R, w] described by `spec` for every token -> [..., S, w].
 
     Give exactly one of windows int32[..., N] (`lite.ngram.ngram_windows`: the kernel computes the
     32-bit hash, the fused path) or ids int32[..., S] (`lite.ngram.ngram_ids`, local to each
@@ -28,42 +27,40 @@ def ngram_gather(table: jax.Array, cfg: ModelConfig, *, windows: jax.Array | Non
     choice = backends.choose("ngram_gather", implementation)
     if (windows is None) == (ids is None):
         raise ValueError("ngram_gather takes exactly one of windows= (int32[..., N]) or ids= (int32[..., S])")
-    hashed = windows is not None
-    keys = windows if hashed else ids
-    spec = RowSpec.from_config(cfg, hashed=hashed)
-    width = cfg.num_ngram_tables and table.shape[-1]
+    key_kind, keys = ("windows", windows) if windows is not None else ("ids", ids)
+    num_keys = spec.num_keys(key_kind)
     whole = row_start is None
-    if table.ndim != 2 or (whole and table.shape[0] != cfg.ngram_total_rows) or table.shape[0] > cfg.ngram_total_rows:
-        expected = f"[{cfg.ngram_total_rows}, w]" if whole else f"[at most {cfg.ngram_total_rows}, w] (a shard)"
-        raise ValueError(f"ngram_gather: table must be {expected} for {cfg.name}, got {table.shape}")
-    if keys.shape[-1:] != (spec.num_keys,) or not jnp.issubdtype(keys.dtype, jnp.integer):
-        name = "windows" if hashed else "ids"
-        raise ValueError(f"ngram_gather: {name} must be integers [..., {spec.num_keys}], got {keys.dtype}{keys.shape}")
+    if table.ndim != 2 or (whole and table.shape[0] != spec.total_rows) or table.shape[0] > spec.total_rows:
+        expected = f"[{spec.total_rows}, w]" if whole else f"[at most {spec.total_rows}, w] (a shard)"
+        raise ValueError(f"ngram_gather: table must be {expected} for {spec.num_tables} sub-tables of "
+                         f"{spec.table_sizes} rows, got {table.shape}")
+    if keys.shape[-1:] != (num_keys,) or not jnp.issubdtype(keys.dtype, jnp.integer):
+        raise ValueError(f"ngram_gather: {key_kind} must be integers [..., {num_keys}], got {keys.dtype}{keys.shape}")
     lead = keys.shape[:-1]
-    flat = keys.reshape(-1, spec.num_keys).astype(jnp.int32)
+    flat = keys.reshape(-1, num_keys).astype(jnp.int32)
     if choice == "tpu" and implementation == "auto" and tpu.unsupported(table) is not None:
         choice = "xla"  # see tpu.py: 32-bit and bf16 tables (bf16 with an even row count)
     start = 0 if whole else row_start
     if choice == "xla":
-        out = ngram_gather_reference(table, flat, start, cfg, hashed)
+        out = ngram_gather_reference(table, flat, start, spec, key_kind)
     else:
-        out = kernel_ngram_gather(table, flat, cfg, hashed, backend=choice, row_start=start)
-    return out.reshape(*lead, spec.num_rows, width)
+        out = kernel_ngram_gather(table, flat, spec, key_kind, backend=choice, row_start=start)
+    return out.reshape(*lead, spec.num_tables, table.shape[-1])
 
 
-def kernel_ngram_gather(table, keys, cfg: ModelConfig, hashed: bool, *, backend: str, row_start=0,
+def kernel_ngram_gather(table, keys, spec: RowSpec, key_kind: str, *, backend: str, row_start=0,
                         block_tokens=None):
     """The Pallas kernel of `backend` ("tpu", "gpu", "interpret", "gpu-interpret", or a
-    `pltpu.InterpretParams` for the TPU simulator) on flat keys int32[T, C], with the shared VJP
-    (reference.gather_with_vjp, which also types the operands for a shard_map)."""
+    `pltpu.InterpretParams` for the TPU simulator) on flat keys int32[T, C] of `key_kind`
+    ("windows" or "ids"), with the shared VJP (reference.gather_with_vjp, which also types the
+    operands for a shard_map)."""
     module, interpret_mode = {"tpu": (tpu, False), "gpu": (gpu, False), "interpret": (tpu, True),
                               "gpu-interpret": (gpu, True)}.get(backend, (tpu, backend))
     if interpret_mode is not False:
         interpret.enable()
     options = {} if block_tokens is None else {"block_tokens": block_tokens}
 
-    def forward(table, keys, row_start, cfg, hashed):
-        return module.gather(table, keys, row_start, RowSpec.from_config(cfg, hashed=hashed),
-                             interpret=interpret_mode, **options)
+    def forward(table, keys, row_start, spec, key_kind):
+        return module.gather(table, keys, row_start, spec, key_kind, interpret=interpret_mode, **options)
 
-    return gather_with_vjp(forward)(table, keys, row_start, cfg, hashed)
+    return gather_with_vjp(forward)(table, keys, row_start, spec, key_kind)

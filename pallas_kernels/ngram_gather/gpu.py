@@ -1,7 +1,7 @@
 """N-gram gather for GPUs (Pallas Triton lowering): one program per block of tokens.
 
 A program loads its tokens' keys, computes the S flat rows for all of them at once (vector int32,
-rows.RowSpec) and gathers each sub-table's rows with one masked gather-load, storing them into the
+RowSpec.kernel_rows) and gathers each sub-table's rows with one masked gather-load, storing them into the
 [T, S * w] output. The table may be one device's shard (rows row_start ..): the load is masked to
 the rows it holds, the others read as zeros. Triton blocks are powers of two: the width is padded
 up and masked.
@@ -23,13 +23,13 @@ DEFAULT_BLOCK_TOKENS = 32
 COMPILER_PARAMS = dict(num_warps=4, num_stages=1)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block_tokens", "interpret"))
-def gather(table: jax.Array, keys: jax.Array, row_start: jax.Array, spec: RowSpec, *,
+@functools.partial(jax.jit, static_argnames=("spec", "key_kind", "block_tokens", "interpret"))
+def gather(table: jax.Array, keys: jax.Array, row_start: jax.Array, spec: RowSpec, key_kind: str, *,
            block_tokens: int = DEFAULT_BLOCK_TOKENS, interpret=False) -> jax.Array:
     """table [R, w] (flat rows row_start .. row_start + R - 1), keys int32[T, C] -> [T, S, w] table
     rows, zeros for the rows the table does not hold."""
     num_tokens, num_keys = keys.shape
-    num_sub, width = spec.num_rows, table.shape[1]
+    num_sub, width = spec.num_tables, table.shape[1]
     bt = block_tokens
     wp = 1 << (width - 1).bit_length()
     num_rows = table.shape[0]
@@ -42,7 +42,7 @@ def gather(table: jax.Array, keys: jax.Array, row_start: jax.Array, spec: RowSpe
         column = jnp.arange(wp, dtype=jnp.int32)
         column_ok = column < width
         start = row_start_ref[0]
-        for s, row in enumerate(spec.rows(lambda c: key_columns[c])):
+        for s, row in enumerate(spec.kernel_rows(lambda c: key_columns[c], key_kind)):
             row = row - start
             owned = (row >= 0) & (row < num_rows)
             at = (jnp.clip(row, 0, num_rows - 1)[:, None], jnp.minimum(column, width - 1)[None, :])

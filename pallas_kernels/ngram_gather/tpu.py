@@ -1,7 +1,7 @@
 """N-gram gather for TPU (Mosaic): table left in HBM, rows DMA'd into a double-buffered VMEM block.
 
 Grid: one step per block of `block_tokens` tokens, run in order. Step i holds the keys of blocks i
-and i+1 in SMEM, computes the flat rows on the scalar unit (rows.RowSpec), starts the row DMAs of
+and i+1 in SMEM, computes the flat rows on the scalar unit (RowSpec.kernel_rows), starts the row DMAs of
 block i+1 into the other VMEM slot, waits for block i's (started one step earlier) and hands the
 slot to the pipelined output block. The table is never copied whole (`memory_space=pl.ANY`).
 The table may be one device's shard (rows row_start .., sharding.ngram): a row it does not hold
@@ -46,13 +46,13 @@ def unsupported(table: jax.Array) -> str | None:
     return f"{table.dtype} tables are not supported (32-bit and bfloat16 are)"
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block_tokens", "interpret"))
-def gather(table: jax.Array, keys: jax.Array, row_start: jax.Array, spec: RowSpec, *,
+@functools.partial(jax.jit, static_argnames=("spec", "key_kind", "block_tokens", "interpret"))
+def gather(table: jax.Array, keys: jax.Array, row_start: jax.Array, spec: RowSpec, key_kind: str, *,
            block_tokens: int = DEFAULT_BLOCK_TOKENS, interpret=False) -> jax.Array:
     """table [R, w] (flat rows row_start .. row_start + R - 1), keys int32[T, C] -> [T, S, w] table
     rows, zeros for the rows the table does not hold."""
     num_tokens, columns = keys.shape
-    num_rows, (num_sub, width) = table.shape[0], (spec.num_rows, table.shape[1])
+    num_rows, (num_sub, width) = table.shape[0], (spec.num_tables, table.shape[1])
     if (reason := unsupported(table)) is not None:
         raise ValueError(f"TPU N-gram gather: {reason}; use implementation='xla'")
     if block_tokens & (block_tokens - 1):
@@ -85,7 +85,7 @@ def gather(table: jax.Array, keys: jax.Array, row_start: jax.Array, spec: RowSpe
                 def key(c):
                     return jnp.where(ahead == 0, keys_now[t * num_keys + c], keys_next[t * num_keys + c])
 
-                for s, flat_row in enumerate(spec.rows(key)):
+                for s, flat_row in enumerate(spec.kernel_rows(key, key_kind)):
                     row = flat_row - row_start[0]
                     owned = (row >= 0) & (row < num_rows)
 

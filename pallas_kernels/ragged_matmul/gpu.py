@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.backend import out_struct
-from pallas_kernels.ragged_matmul.metadata import group_tiles, max_visits, pl_cdiv, zero_rows_outside
+from pallas_kernels.ragged_matmul.metadata import group_tiles, max_visits, zero_rows_outside
 
 DEFAULT_TILING = (128, 64, 128)  # (tm, tk, tn)
 COMPILER_PARAMS = dict(num_warps=8, num_stages=3)
@@ -71,7 +71,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: ja
                     dims = (((1,), (0,)), ((), ()))
                 return acc + jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
-            acc = jax.lax.fori_loop(0, pl_cdiv(k, tk), step, jnp.zeros((tm, tn), jnp.float32))
+            acc = jax.lax.fori_loop(0, pl.cdiv(k, tk), step, jnp.zeros((tm, tn), jnp.float32))
             plt.store(out_ref.at[pl.ds(row0, tm), pl.ds(n_i * tn, tn)], acc.astype(out_ref.dtype),
                       mask=mine[:, None] & col_ok[None, :])
 
@@ -79,7 +79,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: ja
         kernel,
         out_shape=out_struct((m, n), lhs.dtype, lhs),
         name="ragged_matmul_gmm",
-        grid=(pl_cdiv(n, tn), max_visits(m, tm, num_local)),
+        grid=(pl.cdiv(n, tn), max_visits(m, tm, num_local)),
         compiler_params=plt.CompilerParams(**COMPILER_PARAMS),
         interpret=interpret,
     )(tiles.group_ids, tiles.tile_ids, tiles.starts, tiles.ends, lhs, rhs)
@@ -119,7 +119,7 @@ def tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array, group_offset: ja
         kernel,
         out_shape=out_struct((num_local, k, n), lhs.dtype, lhs),
         name="ragged_matmul_tgmm",
-        grid=(pl_cdiv(k, tk), pl_cdiv(n, tn), num_local),
+        grid=(pl.cdiv(k, tk), pl.cdiv(n, tn), num_local),
         compiler_params=plt.CompilerParams(**COMPILER_PARAMS),
         interpret=interpret,
     )(tiles.starts, tiles.ends, lhs, dy)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 class GroupTiles(NamedTuple):
@@ -23,11 +24,7 @@ class GroupTiles(NamedTuple):
 
 
 def max_visits(m: int, tm: int, num_local: int) -> int:
-    return pl_cdiv(m, tm) + num_local - 1
-
-
-def pl_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return pl.cdiv(m, tm) + num_local - 1
 
 
 def group_tiles(group_sizes: jax.Array, group_offset: jax.Array, num_local: int, m: int, tm: int, *,
@@ -43,7 +40,7 @@ def group_tiles(group_sizes: jax.Array, group_offset: jax.Array, num_local: int,
     offset = jnp.asarray(group_offset, jnp.int32).reshape(())
     starts = jax.lax.dynamic_slice(starts_all, (offset,), (num_local,))
     ends = jax.lax.dynamic_slice(ends_all, (offset,), (num_local,))
-    tiles_m = pl_cdiv(m, tm)
+    tiles_m = pl.cdiv(m, tm)
     nonempty = ends > starts
     first = jnp.minimum(starts // tm, tiles_m - 1)
     last = jnp.where(nonempty, (ends - 1) // tm, first)

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.backend import out_struct
-from pallas_kernels.ragged_matmul.metadata import group_tiles, pl_cdiv, zero_rows_outside
+from pallas_kernels.ragged_matmul.metadata import group_tiles, zero_rows_outside
 
 DEFAULT_TILING = (512, 512, 512)  # (tm, tk, tn); clipped to the array where an array is smaller
 
@@ -44,7 +44,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: ja
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = _tiling(m, k, n, tiling)
-    tiles_k, k_rem = pl_cdiv(k, tk), k % tk
+    tiles_k, k_rem = pl.cdiv(k, tk), k % tk
     tiles = group_tiles(group_sizes, group_offset, num_local, m, tm, visit_empty=False)
     out_dtype = lhs.dtype
 
@@ -88,14 +88,14 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: ja
         name="ragged_matmul_gmm",
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
-            grid=(pl_cdiv(n, tn), tiles.num_visits, tiles_k),
+            grid=(pl.cdiv(n, tn), tiles.num_visits, tiles_k),
             in_specs=[lhs_spec, rhs_spec],
             out_specs=out_spec,
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
-                                      bytes_accessed=lhs.nbytes * pl_cdiv(n, tn) + rhs.nbytes + m * n * lhs.itemsize),
+                                      bytes_accessed=lhs.nbytes * pl.cdiv(n, tn) + rhs.nbytes + m * n * lhs.itemsize),
         interpret=interpret,
     )(tiles.group_ids, tiles.tile_ids, tiles.starts, tiles.ends, lhs, rhs)
     return zero_rows_outside(out, tiles)
@@ -136,7 +136,7 @@ def tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array, group_offset: ja
         name="ragged_matmul_tgmm",
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
-            grid=(pl_cdiv(k, tk), pl_cdiv(n, tn), tiles.num_visits),
+            grid=(pl.cdiv(k, tk), pl.cdiv(n, tn), tiles.num_visits),
             in_specs=[pl.BlockSpec((tm, tk), lambda k_i, n_i, v, gid, tid, st, en: (tid[v], k_i)),
                       pl.BlockSpec((tm, tn), lambda k_i, n_i, v, gid, tid, st, en: (tid[v], n_i))],
             out_specs=pl.BlockSpec((None, tk, tn), lambda k_i, n_i, v, gid, tid, st, en: (gid[v], k_i, n_i)),
