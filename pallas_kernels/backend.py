@@ -14,8 +14,12 @@ from typing import Iterator, Sequence
 
 import jax
 
-IMPLEMENTATIONS = ("auto", "pallas", "xla")
-BACKENDS = ("xla", "tpu", "gpu", "interpret", "gpu-interpret")  # what `choose` returns
+IMPLEMENTATIONS = ("auto", "pallas", "xla")  # what a caller asks for
+BACKENDS = ("xla", "xla-tiled", "tpu", "gpu", "interpret", "gpu-interpret")  # what `choose` returns
+# What `auto` runs for each op where no Pallas kernel compiles (CPU). "xla" is the op's reference;
+# "xla-tiled" is the grouped matmul tiled like the kernels in plain XLA (ragged_matmul/xla_tiled.py),
+# because XLA:CPU's ragged_dot does g times the work.
+XLA_FALLBACK = {"ngram_gather": "xla", "ragged_matmul": "xla-tiled"}
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("pallas_kernels_forced", default=None)
@@ -37,21 +41,27 @@ def target_platform() -> str:
 
 
 def choose(op: str, implementation: str) -> str:
-    """-> one of BACKENDS: "xla", "tpu", "gpu", "interpret" (the TPU kernel in Pallas interpret mode)
-    or "gpu-interpret" (the Triton kernel in interpret mode).
+    """-> one of BACKENDS for `op` (a key of XLA_FALLBACK): "xla" (the reference), "xla-tiled",
+    "tpu", "gpu", "interpret" (the TPU kernel in Pallas interpret mode) or "gpu-interpret" (the
+    Triton kernel in interpret mode).
 
-    auto: the Pallas kernel of the target platform on TPU and GPU, XLA elsewhere (Pallas does not
-        compile for CPU); inside `forced(backend)`, that backend instead.
+    auto: the Pallas kernel of the target platform on TPU and GPU, the op's XLA_FALLBACK elsewhere
+        (Pallas does not compile for CPU); inside `forced(backend)`, that backend instead.
     pallas: the target's kernel; on CPU its TPU kernel in interpret mode (slow: for tests).
+    xla: the op's XLA reference, on every platform.
     """
+    if op not in XLA_FALLBACK:
+        raise ValueError(f"unknown op {op!r}; valid: {tuple(XLA_FALLBACK)}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown {op} implementation {implementation!r}; valid: {IMPLEMENTATIONS}")
     if implementation == "auto" and _forced.get() is not None:
         return _forced.get()
-    platform = target_platform()
-    if implementation == "xla" or (implementation == "auto" and platform not in ("tpu", "gpu")):
+    if implementation == "xla":
         return "xla"
-    return platform if platform in ("tpu", "gpu") else "interpret"
+    platform = target_platform()
+    if platform in ("tpu", "gpu"):
+        return platform
+    return XLA_FALLBACK[op] if implementation == "auto" else "interpret"
 
 
 @contextlib.contextmanager

@@ -17,22 +17,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_cpu_keeps_xla_under_auto_and_interprets_pallas():
     assert backend.target_platform() == "cpu"
-    assert [backend.choose("op", i) for i in ("auto", "pallas", "xla")] == ["xla", "interpret", "xla"]
+    assert [backend.choose("ngram_gather", i) for i in ("auto", "pallas", "xla")] == ["xla", "interpret", "xla"]
+    # The grouped matmul's CPU form is the tiled XLA one (ragged_dot does g times the work there).
+    assert [backend.choose("ragged_matmul", i) for i in ("auto", "pallas", "xla")] == ["xla-tiled", "interpret", "xla"]
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):
-        assert backend.choose("op", "auto") == "xla"
-    with pytest.raises(ValueError, match="unknown op implementation 'cuda'"):
-        backend.choose("op", "cuda")
+        assert backend.choose("ngram_gather", "auto") == "xla"
+    with pytest.raises(ValueError, match="unknown ngram_gather implementation 'cuda'"):
+        backend.choose("ngram_gather", "cuda")
+    with pytest.raises(ValueError, match="unknown op 'gather'"):
+        backend.choose("gather", "auto")
 
 
 def test_forced_changes_auto_only_and_is_undone_on_exit():
     with backend.forced("gpu-interpret"):
-        assert backend.choose("op", "auto") == "gpu-interpret"
-        assert backend.choose("op", "xla") == "xla"  # an explicit choice stays explicit
+        assert backend.choose("ngram_gather", "auto") == "gpu-interpret"
+        assert backend.choose("ngram_gather", "xla") == "xla"  # an explicit choice stays explicit
         with backend.forced("interpret"):
-            assert backend.choose("op", "auto") == "interpret"
-        assert backend.choose("op", "auto") == "gpu-interpret"
-    assert backend.choose("op", "auto") == "xla"
+            assert backend.choose("ngram_gather", "auto") == "interpret"
+        assert backend.choose("ngram_gather", "auto") == "gpu-interpret"
+    assert backend.choose("ngram_gather", "auto") == "xla"
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         with backend.forced("cuda"):
             pass
@@ -45,12 +49,12 @@ topology.configure_environment()
 import jax
 from pallas_kernels import backend
 devices = topology.topology_devices(sys.argv[1])
-before = backend.choose("op", "auto")
+before = backend.choose("ngram_gather", "auto")
 mesh = jax.sharding.Mesh(devices, ("data",))
 with jax.set_mesh(mesh):  # the ambient mesh's devices decide, even with the default device on CPU
-    in_mesh = backend.choose("op", "auto")
+    in_mesh = backend.choose("ngram_gather", "auto")
 topology.set_default_device(devices)
-print(before, in_mesh, backend.choose("op", "auto"), backend.choose("op", "pallas"))
+print(before, in_mesh, backend.choose("ngram_gather", "auto"), backend.choose("ngram_gather", "pallas"))
 """
 
 

@@ -22,7 +22,7 @@ def ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, gro
     """lhs [m, k] @ rhs[g, k, n] grouped by int32 group_sizes [G] -> [m, n] (see the reference).
 
     implementation: "xla" is the reference (`jax.lax.ragged_dot`); "auto" runs the Pallas kernel on
-    TPU / GPU and the tiled XLA formulation (xla_tiled.py) elsewhere.
+    TPU / GPU and the tiled XLA formulation (xla_tiled.py) elsewhere (pallas_kernels.backend.choose).
 
     group_offset: rhs holds groups group_offset .. group_offset + g - 1 of the G (expert-sharded
     weights); the rows of other groups come out as zeros.
@@ -38,7 +38,7 @@ def ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, gro
         raise ValueError(f"ragged_matmul: rhs has {rhs.shape[0]} groups, more than group_sizes' {group_sizes.shape[0]}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"ragged_matmul: group_sizes must be integers, got {group_sizes.dtype}")
-    if choice == "xla" and implementation == "auto":  # XLA:CPU's ragged_dot does g times the work
+    if choice == "xla-tiled":
         return tiled_ragged_matmul(lhs, rhs, group_sizes, group_offset)
     if choice == "xla":
         return ragged_matmul_reference(lhs, rhs, group_sizes, group_offset)
