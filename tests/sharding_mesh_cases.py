@@ -16,6 +16,7 @@ from flax import nnx
 from lite.config import get_config
 from lite.model import LongcatModel, PackedPrompts, next_token_loss, pack_prompts
 from lite.moe import MoE
+from oracles import numpy_moe
 from pallas_kernels import backend as kernel_backend
 from sharding import expert_parallel
 from sharding.expert_parallel import expert_capacity
@@ -139,37 +140,6 @@ def test_decode_step_on_mesh_matches_single_device(kernels, chosen_kernels):
 # ---------------------------------------------------------------------------------------------
 # The MoE alone: dropped slots with a small capacity, and the dropless ragged dispatch.
 
-def numpy_moe(moe, u, mask, capacity=None, shards=1):
-    """Float64 loops. With a capacity: slot (t, j) of shard s is served by FFN expert e only if fewer
-    than `capacity` earlier (t', j') of that shard, in token-major order, chose e. -> (out, dropped)."""
-    cfg = moe.cfg
-    classifier = np.asarray(moe.router.classifier[...], np.float64)
-    bias = np.asarray(moe.router.bias[...], np.float64)
-    gate, up, down = (np.asarray(p[...], np.float64) for p in (moe.w_gate, moe.w_up, moe.w_down))
-    out, dropped = np.zeros_like(u), 0
-    per_shard = len(u) // shards
-    used = {}
-    for t in range(len(u)):
-        logits = u[t] @ classifier
-        scores = np.exp(logits - logits.max())
-        scores /= scores.sum()
-        for e in np.argsort(-(scores + bias), kind="stable")[: cfg.moe_topk]:
-            weight = scores[e] * cfg.routed_scaling_factor
-            if e >= cfg.n_routed_experts:
-                out[t] += weight * u[t]
-                continue
-            if not mask[t]:
-                continue  # padding is not sent to the experts
-            key = (t // per_shard, e)
-            used[key] = used.get(key, 0) + 1
-            if capacity is not None and used[key] > capacity:
-                dropped += 1
-                continue
-            g = u[t] @ gate[e]
-            out[t] += weight * ((g / (1 + np.exp(-g)) * (u[t] @ up[e])) @ down[e])
-    return out, dropped
-
-
 def moe_inputs(cfg, tokens=64):
     moe = MoE(cfg, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(2)
@@ -196,7 +166,7 @@ def test_small_capacity_drops_exactly_the_overflow_slots(spec):
     capacity = expert_capacity(len(u) // 8, cfg)
     assert capacity == 1  # 8 tokens per device, 2 FFN slots each over 8 experts, halved
     out, _, dropped = run_on_mesh(moe, u, mask, spec)
-    want_out, want_dropped = numpy_moe(moe, u.astype(np.float64), mask, capacity=capacity, shards=8)
+    want_out, _, want_dropped = numpy_moe(moe, u, mask, capacity=capacity, shards=8)
     assert want_dropped > 10
     assert int(dropped) == want_dropped
     np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-5)
@@ -242,7 +212,7 @@ def test_ragged_dispatch_is_dropless_and_matches_single_device(monkeypatch):
 
     grad_fn = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     (_, (want_out, want_counts, _)), (want_gm, want_gu) = grad_fn(moe, jnp.asarray(u), jnp.asarray(mask))
-    want_np, _ = numpy_moe(moe, u.astype(np.float64), mask)
+    want_np, _, _ = numpy_moe(moe, u, mask)
     mesh = make_mesh("data=2,expert=4")
     with jax.set_mesh(mesh):
         (_, (out, counts, dropped)), (gm, gu) = grad_fn(moe, jnp.asarray(u), jnp.asarray(mask))

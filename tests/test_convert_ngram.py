@@ -8,6 +8,8 @@ import pathlib
 
 import numpy as np
 
+from oracles import python_ngram_ids
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 
 
@@ -23,16 +25,12 @@ def ngram_embedding_reference(tokens, token_table, embedders, post_projs, hf_con
     num_tables = (n_max - 1) * k
     out = np.zeros(tokens.shape + (token_table.shape[1],))
     for b, row in enumerate(np.asarray(tokens).tolist()):
-        start = 0
+        ids = python_ngram_ids(row, vocab_size=v0, max_order=n_max, tables_per_order=k, ratio=ratio, eos=eos)
         for i, token in enumerate(row):
-            if i > 0 and row[i - 1] == eos:
-                start = i
             total = token_table[token].astype(np.float64)
             for s in range(num_tables):
-                n, size = s // k + 2, ratio * v0 + 2 * s + 1
-                assert embedders[s].shape[0] == size
-                h = sum((row[i - j] if i - j >= start else 0) * pow(v0, j, size) for j in range(n)) % size
-                total = total + post_projs[s].astype(np.float64) @ embedders[s][h].astype(np.float64)
+                assert embedders[s].shape[0] == ratio * v0 + 2 * s + 1
+                total = total + post_projs[s].astype(np.float64) @ embedders[s][ids[i, s]].astype(np.float64)
             out[b, i] = total / (num_tables + 1)
     return out
 

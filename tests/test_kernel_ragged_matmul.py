@@ -14,20 +14,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
+from oracles import numpy_grouped
 from pallas_kernels.ragged_matmul import kernel_ragged_matmul, ragged_matmul, ragged_matmul_reference
 
 M, K, N, G = 37, 40, 24, 5
 TILINGS = {"interpret": (8, 16, 16), "gpu-interpret": (16, 16, 16)}
-
-
-def numpy_grouped(lhs, rhs, group_sizes, offset):
-    """Rows of group offset + i use rhs[i]; every other row is zero."""
-    out = np.zeros((lhs.shape[0], rhs.shape[2]))
-    starts = np.concatenate([[0], np.cumsum(group_sizes)])
-    for i in range(rhs.shape[0]):
-        a, b = starts[offset + i], starts[offset + i + 1]
-        out[a:b] = lhs[a:b].astype(np.float64) @ rhs[i]
-    return out
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "tiling"))

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from lite.config import get_config
 from lite import ngram
 from lite.ngram import NgramEmbedding
+from oracles import python_ngram_ids_of
 
 # Jitted once per config (configs are hashable) so the many small cases stay fast.
 ngram_ids = jax.jit(ngram.ngram_ids, static_argnums=1)
@@ -24,30 +25,12 @@ REAL = get_config("longcat-flash-lite")  # V0 = 131072, ratio 78, N = K = 4
 V0, EOS = REAL.vocab_size, REAL.eos_token_id
 
 
-def reference_ids(row, cfg, segments=None):
-    """Python integers, straight from ARCHITECTURE.md section 2: no modular shortcuts."""
-    v0, k = cfg.vocab_size, cfg.ngram_k
-    out = []
-    for i in range(len(row)):
-        start = 0  # first position token i may look back to
-        for p in range(1, i + 1):
-            if row[p - 1] == cfg.eos_token_id or (segments is not None and segments[p] != segments[p - 1]):
-                start = p
-        ids = []
-        for s in range(cfg.num_ngram_tables):
-            n = s // k + 2
-            size = cfg.ngram_vocab_ratio * v0 + 2 * s + 1
-            ids.append(sum(int(row[i - j]) * v0**j for j in range(n) if i - j >= start) % size)
-        out.append(ids)
-    return np.array(out, dtype=np.int64)
-
-
 def check(rows, cfg=REAL, segments=None):
     rows = np.asarray(rows)
     got = np.asarray(ngram_ids(jnp.asarray(rows, jnp.int32), cfg,
                                None if segments is None else jnp.asarray(segments, jnp.int32)))
     for b in range(rows.shape[0]):
-        want = reference_ids(rows[b], cfg, None if segments is None else segments[b])
+        want = python_ngram_ids_of(rows[b], cfg, None if segments is None else segments[b])
         np.testing.assert_array_equal(got[b], want, err_msg=f"row {b}: {rows[b].tolist()}")
 
 
@@ -129,7 +112,7 @@ def numpy_embedding(emb, tokens, cfg):
     proj = np.asarray(emb.ngram_proj[...], np.float64)
     out = np.zeros(tokens.shape + (cfg.hidden_size,))
     for b in range(tokens.shape[0]):
-        ids = reference_ids(tokens[b], cfg)
+        ids = python_ngram_ids_of(tokens[b], cfg)
         for i in range(tokens.shape[1]):
             acc = token_table[tokens[b, i]].copy()
             for s in range(cfg.num_ngram_tables):

@@ -14,6 +14,7 @@ from nbclient import NotebookClient
 
 from lite.config import get_config
 from lite.data import kjv_corpus, load_tokenizer, train_tokenizer
+from oracles import python_ngram_ids_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "demo.ipynb"
@@ -61,23 +62,6 @@ def figures(cell) -> int:
     return sum("image/png" in output.get("data", {}) for output in cell.outputs)
 
 
-def reference_ngram_ids(tokens: list[int], vocab_size: int, max_order: int, tables_per_order: int,
-                        ratio: int) -> list[list[int]]:
-    """ARCHITECTURE.md section 2 in Python integers: sub-table s = (n - 2) * tables_per_order + c (its c-th
-    copy for order n) has V_s = ratio * V0 + 2s + 1 rows, and the n-gram ending at token i lands in row
-    (sum_{j<n} t[i-j] * V0^j) mod V_s, tokens before the start of the text being absent. The windows
-    never restart: the tokens hold no EOS."""
-    rows = []
-    for i in range(len(tokens)):
-        row = []
-        for order in range(2, max_order + 1):
-            for copy in range(tables_per_order):
-                size = ratio * vocab_size + 2 * ((order - 2) * tables_per_order + copy) + 1
-                row.append(sum(tokens[i - j] * vocab_size**j for j in range(order) if i - j >= 0) % size)
-        rows.append(row)
-    return rows
-
-
 def test_notebook_is_saved_without_outputs():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
@@ -90,7 +74,7 @@ def test_ngram_id_table_matches_the_hash_formula(executed, tokenizer_cache):
     tokenizer = load_tokenizer(train_tokenizer(kjv_corpus().train, cfg, tokenizer_cache))
     tokens = [cfg.bos_token_id] + tokenizer.encode(sentence)
     assert cfg.eos_token_id not in tokens and len(rows) == len(tokens)
-    expected = reference_ngram_ids(tokens, cfg.vocab_size, cfg.ngram_n, cfg.ngram_k, cfg.ngram_vocab_ratio)
+    expected = python_ngram_ids_of(tokens, cfg).tolist()
     assert header.split()[:2] == ["token", "piece"] and header.count("-gram mod") == len(expected[0])
     for line, token, want in zip(rows, tokens, expected):
         token_id, piece, *ids = line.split()
