@@ -556,23 +556,33 @@ def plot_loss(path: pathlib.Path, rows: list[dict], entropy: float, cfg: ModelCo
 
 
 def plot_expert_load(path: pathlib.Path, rows: list[dict], cfg: ModelConfig) -> None:
-    """Per layer: the most and least loaded FFN expert's share of the slots, and FFN experts per token."""
+    """Two layer x step heatmaps, readable at any depth (the released model has 14 layers): the most
+    loaded FFN expert's share of the slots relative to a balanced share (1 = balanced), and the FFN
+    experts per token relative to the target the router bias steers toward (1 = on target)."""
+    from matplotlib.colors import TwoSlopeNorm
+
     plt = pyplot()
     load_rows = [r for r in rows if "load_max_share" in r]
+    if not load_rows:
+        return
     steps = [r["step"] for r in load_rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for layer in range(cfg.num_layers):
-        line, = top.plot(steps, [r["load_max_share"][layer] for r in load_rows], label=f"layer {layer} max")
-        top.plot(steps, [r["load_min_share"][layer] for r in load_rows], color=line.get_color(), linestyle=":",
-                 label=f"layer {layer} min")
-        bottom.plot(steps, [r["ffn_experts_per_token"][layer] for r in load_rows], color=line.get_color(),
-                    label=f"layer {layer}")
-    top.axhline(1 / cfg.n_routed_experts, color="gray", linestyle="--", label="balanced")
-    top.set(ylabel="share of FFN slots", title="expert load: most / least loaded FFN expert")
-    top.legend(fontsize=7, ncol=2)
-    bottom.axhline(cfg.target_ffn_experts_per_token, color="gray", linestyle="--", label="target")
-    bottom.set(xlabel="step", ylabel="FFN experts per token")
-    bottom.legend(fontsize=7)
+    panels = [("most loaded FFN expert / balanced share",
+               [[share * cfg.n_routed_experts for share in r["load_max_share"]] for r in load_rows]),
+              (f"FFN experts per token / target {cfg.target_ffn_experts_per_token:g}",
+               [[n / cfg.target_ffn_experts_per_token for n in r["ffn_experts_per_token"]] for r in load_rows])]
+    fig, axes = plt.subplots(2, 1, figsize=(8, max(5.0, 2.2 + 0.7 * cfg.num_layers)), sharex=True)
+    edges = [steps[0] - 0.5] + [(a + b) / 2 for a, b in zip(steps, steps[1:])] + [steps[-1] + 0.5]
+    for ax, (title, values) in zip(axes, panels):
+        grid = np.asarray(values, np.float64).T  # [layers, logged steps]
+        # Diverging around 1 (balanced, on target), so either side of it reads at a glance.
+        norm = TwoSlopeNorm(vcenter=1.0, vmin=min(grid.min(), 0.99), vmax=max(grid.max(), 1.01))
+        image = ax.pcolormesh(edges, np.arange(cfg.num_layers + 1) - 0.5, grid, cmap="coolwarm", norm=norm,
+                              shading="flat")
+        ax.set(ylabel="layer", title=title)
+        ax.set_yticks(range(cfg.num_layers))
+        fig.colorbar(image, ax=ax, pad=0.01)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"{cfg.name}: expert load per layer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
