@@ -7,6 +7,7 @@ they differ, so checkpoint import has one obvious place to look.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 import jax.numpy as jnp
@@ -147,7 +148,14 @@ def check_field_names(names) -> None:
     valid = [f.name for f in dataclasses.fields(ModelConfig)]
     unknown = sorted(set(names) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {', '.join(valid)}")
+        raise ConfigError(f"unknown config field(s) {unknown}{did_you_mean(unknown[0], valid)}; "
+                          f"valid fields: {', '.join(valid)}")
+
+
+def did_you_mean(name: str, valid) -> str:
+    """" (did you mean 'x'?)" for the closest valid name, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _validate(c: ModelConfig) -> None:

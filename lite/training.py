@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lite.config import ConfigError, ModelConfig
+from lite.config import ConfigError, ModelConfig, did_you_mean
 from lite.layers import is_lookup
 from lite.model import LongcatModel, abstract_model, next_token_loss
 from lite.moe import ffn_experts_per_token
@@ -109,7 +109,8 @@ def parse_overrides(items: list[str], model_cfg: ModelConfig, train_cfg: TrainCo
         elif key in train_fields:
             train_over[key] = _parse_value(key, text, getattr(train_cfg, key))
         else:
-            raise ConfigError(f"--set {key}: unknown key; model fields: {', '.join(sorted(model_fields))}; "
+            raise ConfigError(f"--set {key}: unknown key{did_you_mean(key, model_fields | train_fields)}; "
+                              f"model fields: {', '.join(sorted(model_fields))}; "
                               f"training fields: {', '.join(sorted(train_fields))}")
     return model_over, train_over
 

@@ -41,8 +41,12 @@ def test_unknown_preset_lists_valid_ones():
 
 
 def test_unknown_field_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['hiden_size'\].*hidden_size"):
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['hiden_size'\] \(did you mean 'hidden_size'\?\).*"
+                                          r"valid fields: .*hidden_size"):
         get_config("tiny", hiden_size=3)
+    with pytest.raises(ConfigError) as nothing_close:
+        get_config("tiny", xyzzy=3)
+    assert "did you mean" not in str(nothing_close.value)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -125,8 +125,10 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
                                     "steps=7"], cfg, tcfg)
     assert model == {"hidden_size": 128, "compute_dtype": "bfloat16"}
     assert train == {"learning_rate": 1e-3, "steps": 7}
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match=r"unknown key \(did you mean 'hidden_size'\?\)"):
         parse_overrides(["hiden_size=3"], cfg, tcfg)
+    with pytest.raises(ConfigError, match=r"unknown key \(did you mean 'learning_rate'\?\)"):
+        parse_overrides(["learning_rat=3"], cfg, tcfg)
     with pytest.raises(ConfigError, match="batch_size must be int"):
         parse_overrides(["batch_size=eight"], cfg, tcfg)
     with pytest.raises(ConfigError, match="cannot be set"):
