@@ -3,6 +3,7 @@ variables of its parameters cell), and what it prints is right: the N-gram id ta
 formula in plain Python integers, a loss that starts at ln(vocab_size) and falls, samples that continue
 the prompts, the real model's parameter total."""
 
+import ast
 import math
 import os
 import pathlib
@@ -110,3 +111,24 @@ def test_expert_load_plot_and_real_parameter_budget(executed):
     assert len(per_layer) == cfg.num_layers and all(0 <= x <= cfg.moe_topk for x in per_layer)
     # 68,562,459,648: the released LongCat-Flash-Lite's total (README, Parameter counts).
     assert re.search(r"^total\s+68,562,459,648\s", text(executed["param-budget"]), re.MULTILINE)
+
+
+def install_helpers() -> dict:
+    """The install cell's functions and constants (not its pip call), run in a namespace."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    source = next(cell.source for cell in notebook.cells if "def preinstalled_jax_is_enough" in cell.source)
+    tree = ast.parse(source)
+    tree.body = [node for node in tree.body if not isinstance(node, ast.If)]  # keep defs, imports, constants
+    namespace: dict = {}
+    exec(compile(tree, "install cell", "exec"), namespace)
+    return namespace
+
+
+def test_colab_install_keeps_a_preinstalled_jax_that_is_new_enough(monkeypatch):
+    cell = install_helpers()
+    floor = re.search(r'"jax>=([\d.]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    assert cell["JAX_FLOOR"] == tuple(int(p) for p in floor.split("."))  # the cell follows pyproject
+    versions = {"0.10.2": True, "0.11.2": True, "1.0.0rc1": True, "0.7.2": False, "0.10.1": False}
+    for version, enough in versions.items():
+        monkeypatch.setattr(cell["importlib"].metadata, "version", lambda name, v=version: v)
+        assert cell["preinstalled_jax_is_enough"]() is enough, version
