@@ -73,9 +73,11 @@ class ModelConfig:
     router_bias_update_rate: float = 1e-3
     # Expert parallelism on a mesh with an `expert` axis (sharding/expert_parallel.py; not exported to
     # Hugging Face configs): how routed slots travel to their experts' devices, and the capacity-
-    # dispatch buffer size as a multiple of the balanced load.
+    # dispatch buffer size as a multiple of the balanced load, and the ragged dispatch's receive
+    # buffer likewise (0: sized for the worst case, dropless). Inference is always dropless.
     expert_dispatch: str = "auto"
     expert_capacity_factor: float = 2.0
+    ragged_buffer_factor: float = 0.0
     # N-gram embedding (HF emb_neighbor_num, emb_split_num, ngram_vocab_size_ratio); 0 disables it.
     ngram_n: int = 3
     ngram_k: int = 2
@@ -187,6 +189,8 @@ def _validate(c: ModelConfig) -> None:
          f"expert_dispatch must be one of {EXPERT_DISPATCHES}, got {c.expert_dispatch!r}")
     need(isinstance(c.expert_capacity_factor, (int, float)) and c.expert_capacity_factor > 0,
          f"expert_capacity_factor must be > 0, got {c.expert_capacity_factor!r}")
+    need(isinstance(c.ragged_buffer_factor, (int, float)) and c.ragged_buffer_factor >= 0,
+         f"ragged_buffer_factor must be >= 0 (0: dropless), got {c.ragged_buffer_factor!r}")
     for i, token in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id)):
         need(0 <= token < c.vocab_size, f"{i}={token} must lie in [0, vocab_size={c.vocab_size})")
     need(c.embedding_amplification in AMPLIFICATION_MODES,
