@@ -67,7 +67,9 @@ def _check_plan(spec: str, mesh: str, device: str, hbm_gib: float, call_targets:
         assert "ragged-all-to-all x" in section, section  # the dropless dispatch, as accelerators run it
         peak = float(section.split("peak per device")[1].split("GiB")[0])
         assert 0 < peak < hbm_gib and "fits" in section, section
-        assert "compiler estimate (not measured)" in section and "step time (estimate)" in section, section
+        assert "compiler estimate (not measured)" in section, section
+        # libtpu gives a cost analysis (its step time may be "unavailable"); XLA:GPU gives none without a GPU.
+        assert ("step time (estimate)" in section) == device.startswith("TPU"), section
 
     kernels, targets = _pallas_line(train)
     assert kernels, f"the training step compiled without any Pallas kernel (all XLA):\n{train}"
