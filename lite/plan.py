@@ -126,7 +126,12 @@ def step_work(cfg, tokens: int, chips: int, device, *, training: bool) -> Work:
 
 def report(name: str, lowered, parts: dict[str, int], hbm: int, work: Work) -> tuple[list[str], bool]:
     start = time.time()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:  # libtpu refuses programs that exceed HBM
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return [f"{name}: DOES NOT FIT, the compiler says: {str(error).splitlines()[0]}"], False
     seconds = time.time() - start
     memory = compiled.memory_analysis()
     arguments, outputs = memory.argument_size_in_bytes, memory.output_size_in_bytes
