@@ -15,6 +15,11 @@ import jax.numpy as jnp
 AMPLIFICATION_MODES = ("none", "sqrt_d", "layernorm")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_DISPATCHES = ("auto", "capacity", "ragged")  # meanings: sharding/expert_parallel.py
+# The model's flat N-gram table has its row count rounded up to a multiple of this: 6144 = 3 x 2^11
+# rows split evenly over any mesh of 2^a or 3 x 2^a devices up to 3072 (a 4x4x8 v5p slice, 3 or 4
+# nodes of 8 GPUs), with an even number of rows per device (bf16 row pairs, the TPU gather) up to
+# 1024 devices. The padded rows are never hashed into and stay zero (lite/ngram.py).
+NGRAM_ROW_MULTIPLE = 6144
 
 
 class ConfigError(ValueError):
@@ -69,9 +74,11 @@ class ModelConfig:
     router_bias_update_rate: float = 1e-3
     # Expert parallelism on a mesh with an `expert` axis (sharding/expert_parallel.py; not exported to
     # Hugging Face configs): how routed slots travel to their experts' devices, and the capacity-
-    # dispatch buffer size as a multiple of the balanced load.
+    # dispatch buffer size as a multiple of the balanced load, and the ragged dispatch's receive
+    # buffer likewise (0: sized for the worst case, dropless). Inference is always dropless.
     expert_dispatch: str = "auto"
     expert_capacity_factor: float = 2.0
+    ragged_buffer_factor: float = 0.0
     # N-gram embedding (HF emb_neighbor_num, emb_split_num, ngram_vocab_size_ratio); 0 disables it.
     ngram_n: int = 3
     ngram_k: int = 2
@@ -119,7 +126,14 @@ class ModelConfig:
 
     @property
     def ngram_total_rows(self) -> int:
+        """Rows of all sub-tables together: the rows the hash addresses (what Hugging Face stores)."""
         return sum(self.ngram_table_sizes)
+
+    @property
+    def ngram_padded_rows(self) -> int:
+        """Rows of the model's flat table: ngram_total_rows rounded up to NGRAM_ROW_MULTIPLE (0 without
+        an N-gram embedding). Rows from ngram_total_rows on are padding: no hash reaches them."""
+        return -(-self.ngram_total_rows // NGRAM_ROW_MULTIPLE) * NGRAM_ROW_MULTIPLE
 
     @property
     def num_experts(self) -> int:
@@ -183,6 +197,8 @@ def _validate(c: ModelConfig) -> None:
          f"expert_dispatch must be one of {EXPERT_DISPATCHES}, got {c.expert_dispatch!r}")
     need(isinstance(c.expert_capacity_factor, (int, float)) and c.expert_capacity_factor > 0,
          f"expert_capacity_factor must be > 0, got {c.expert_capacity_factor!r}")
+    need(isinstance(c.ragged_buffer_factor, (int, float)) and c.ragged_buffer_factor >= 0,
+         f"ragged_buffer_factor must be >= 0 (0: dropless), got {c.ragged_buffer_factor!r}")
     for i, token in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id)):
         need(0 <= token < c.vocab_size, f"{i}={token} must lie in [0, vocab_size={c.vocab_size})")
     need(c.embedding_amplification in AMPLIFICATION_MODES,
@@ -197,8 +213,8 @@ def _validate(c: ModelConfig) -> None:
         need(c.hidden_size % s == 0,
              f"hidden_size={c.hidden_size} is not divisible by (ngram_n-1)*ngram_k={s} N-gram sub-tables")
         # The hash is computed in 32-bit integers and the flat table is indexed with int32.
-        need(c.ngram_total_rows < 2**31,
-             f"the N-gram tables have {c.ngram_total_rows} rows in all; int32 indexing allows < 2^31")
+        need(c.ngram_padded_rows < 2**31,
+             f"the N-gram tables have {c.ngram_padded_rows} rows in all (padded); int32 indexing allows < 2^31")
     if c.rope_scaling is not None:
         need(c.rope_scaling.factor >= 1.0, f"rope_scaling.factor must be >= 1, got {c.rope_scaling.factor}")
 

@@ -277,9 +277,11 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quiet: boo
         # Keep the checkpoint's dtype (exact round trips); mixed pieces are cast to the model's dtype.
         dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(shapes[name].dtype)
 
-        def write(emit, pieces=pieces):
+        def write(emit, name=name, pieces=pieces, dtype=dtype):
             for piece in pieces:
                 _emit_piece(source, piece.hf_key, (), piece.transpose, emit)
+            if name == "embed.ngram_table":  # the rows past the sub-tables: zero padding (ModelConfig.ngram_padded_rows)
+                emit(np.zeros((cfg.ngram_padded_rows - cfg.ngram_total_rows, cfg.ngram_table_width), dtype))
 
         plans.append(TensorPlan(name, dtype, shapes[name].shape, write))
     total = sum(p.nbytes for p in plans)

@@ -34,6 +34,7 @@ from lite.config import ModelConfig
 from lite.layers import RMSNorm, SwiGLU, add_leading_axis, linear
 from lite.ngram import NgramEmbedding, ngram_cache
 from lite.rope import rope_angles
+from sharding.expert_parallel import dropless
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +255,7 @@ class LongcatModel(nnx.Module):
                                                              lambda layer, h: layer(h, inputs))
         return ModelOutput(self.lm_head(self.final_norm(h)), expert_counts, dropped_slots)
 
+    @dropless  # inference never drops routed slots (sharding.expert_parallel)
     def prefill(self, prompts: PackedPrompts, cache_len: int) -> DecodeOutput:
         """The full forward over packed prompts -> (float32[B, V] logits for the token after each
         prompt, the cache with room for cache_len >= W tokens per prompt). Each prompt is its own
@@ -265,6 +267,7 @@ class LongcatModel(nnx.Module):
         logits = self.lm_head(self.final_norm(last)).astype(jnp.float32)
         return DecodeOutput(logits, prefill_cache(self.cfg, prompts, entries, cache_len))
 
+    @dropless  # inference never drops routed slots (sharding.expert_parallel)
     def decode_step(self, cache: DecodeCache, tokens: jax.Array,
                     layers: Sequence[ShortcutLayer] | None = None) -> DecodeOutput:
         """tokens int32[B] at positions cache.lengths -> (float32[B, V] logits for the next token, the

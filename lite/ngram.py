@@ -110,7 +110,9 @@ class NgramEmbedding(nnx.Module):
     """Token embedding plus hashed N-gram embedding, averaged; a plain embedding when ngram_n = 0.
 
     All sub-tables live in one flat table (`ngram_table`, rows of sub-table s start at
-    `cfg.ngram_table_offsets[s]`) so that a lookup is one gather, as in the serving engines.
+    `cfg.ngram_table_offsets[s]`) so that a lookup is one gather, as in the serving engines. Its
+    `cfg.ngram_padded_rows` rows end in zero rows that pad it to a multiple every mesh divides; no
+    hash reaches them, so they get no gradient and AdamW (zero gradient, zero value) keeps them zero.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -121,8 +123,9 @@ class NgramEmbedding(nnx.Module):
         self.token_table = param(init(rngs.params(), (cfg.vocab_size, d), pdtype), "token_rows", "embed")  # [V0, D]
         if cfg.has_ngram:
             s, w = cfg.num_ngram_tables, cfg.ngram_table_width
-            self.ngram_table = param(init(rngs.params(), (cfg.ngram_total_rows, w), pdtype),  # [R, D/S]
-                                     "ngram_rows", "ngram_width")
+            table = init(rngs.params(), (cfg.ngram_total_rows, w), pdtype)  # [R, D/S]
+            padding = jnp.zeros((cfg.ngram_padded_rows - cfg.ngram_total_rows, w), pdtype)  # see NGRAM_ROW_MULTIPLE
+            self.ngram_table = param(jnp.concatenate([table, padding]), "ngram_rows", "ngram_width")  # [R_pad, D/S]
             self.ngram_proj = param(init(rngs.params(), (s, w, d), pdtype),  # [S, D/S, D]
                                     "ngram_tables", "ngram_width", "embed")
             if cfg.embedding_amplification == "layernorm":

@@ -2,6 +2,9 @@
 
     python -m lite.params longcat-flash-lite
 
+The N-gram table's zero padding rows (`ModelConfig.ngram_padded_rows`: no hash reaches them) are
+not parameters; `ParamCounts.padding` holds their element count, shown apart.
+
 "Activated" parameters are those a token's forward pass multiplies with: everything except the
 embedding tables (a lookup) and the FFN experts it was not routed to. Zero experts make the
 number of FFN experts per token vary from 0 to top-k, so activated parameters are a range.
@@ -53,6 +56,7 @@ class ParamCounts:
     per_expert: int  # one FFN expert of one layer
     num_layers: int
     moe_topk: int
+    padding: int = 0  # elements of the N-gram table's zero padding rows, in no component
 
     @property
     def total(self) -> int:
@@ -75,8 +79,11 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     for path, variable in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         name = component(path, variable)
         by_component[name] = by_component.get(name, 0) + int(np.prod(variable.shape))
+    padding = (cfg.ngram_padded_rows - cfg.ngram_total_rows) * cfg.ngram_table_width
+    if padding:
+        by_component["N-gram tables"] -= padding
     per_expert = 3 * cfg.hidden_size * cfg.expert_ffn_hidden_size
-    return ParamCounts(by_component, per_expert, cfg.num_layers, cfg.moe_topk)
+    return ParamCounts(by_component, per_expert, cfg.num_layers, cfg.moe_topk, padding)
 
 
 def _human(n: float) -> str:
@@ -99,6 +106,9 @@ def format_table(cfg: ModelConfig, counts: ParamCounts) -> str:
         f"{_human(target)} at the target of {cfg.target_ffn_experts_per_token:g}",
         f"total / activated (at target): {total / target:.1f}",
     ]
+    if counts.padding:
+        lines.append(f"not counted: {counts.padding:,} zeros padding the N-gram table to "
+                     f"{cfg.ngram_padded_rows:,} rows (a multiple every mesh divides)")
     return "\n".join(lines)
 
 

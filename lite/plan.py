@@ -21,6 +21,7 @@ import math
 import re
 import sys
 import time
+from typing import NamedTuple
 
 from sharding import topology
 
@@ -34,7 +35,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from lite.config import PRESETS, get_config  # noqa: E402
 from lite.model import DecodeCache, DecodeOutput, abstract_model  # noqa: E402
-from lite.training import TrainConfig, make_train_step, plan_state  # noqa: E402
+from lite.params import count_params  # noqa: E402
+from lite.training import TrainConfig, make_train_step, peak_flops, plan_state  # noqa: E402
 from sharding.expert_parallel import resolve_dispatch  # noqa: E402
 from sharding.mesh import make_mesh, parse_mesh_spec  # noqa: E402
 from sharding.rules import activation_spec, state_specs  # noqa: E402
@@ -105,9 +107,31 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:9.3f} GiB"
 
 
-def report(name: str, lowered, parts: dict[str, int], hbm: int) -> tuple[list[str], bool]:
+class Work(NamedTuple):
+    """What one step does, for the compiler's step-time estimate: tokens per chip, and the model
+    FLOPs per chip that MFU counts (6 x activated parameters x tokens for a training step, 2 x for
+    a forward-only decode step; attention excluded)."""
+
+    tokens_per_chip: float
+    model_flops_per_chip: float
+    peak_flops: float  # per chip, dense bf16 (lite.training.peak_flops)
+
+
+def step_work(cfg, tokens: int, chips: int, device, *, training: bool) -> Work:
+    activated = count_params(cfg).activated(cfg.target_ffn_experts_per_token)
+    per_chip = tokens / chips
+    peak, _ = peak_flops(device, TrainConfig())
+    return Work(per_chip, (6 if training else 2) * activated * per_chip, peak)
+
+
+def report(name: str, lowered, parts: dict[str, int], hbm: int, work: Work) -> tuple[list[str], bool]:
     start = time.time()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:  # libtpu refuses programs that exceed HBM
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return [f"{name}: DOES NOT FIT, the compiler says: {str(error).splitlines()[0]}"], False
     seconds = time.time() - start
     memory = compiled.memory_analysis()
     arguments, outputs = memory.argument_size_in_bytes, memory.output_size_in_bytes
@@ -126,13 +150,17 @@ def report(name: str, lowered, parts: dict[str, int], hbm: int) -> tuple[list[st
               f"  {'generated code':<34}{_gib(code)}",
               f"  {'peak per device':<34}{_gib(peak)}   of {hbm / 2**30:.0f} GiB HBM: "
               f"{peak / hbm:.0%} {'fits' if peak <= hbm else 'DOES NOT FIT'}",
-              f"  {'compiler estimate':<34}{_cost_estimate(compiled)}"]
+              *_cost_estimate(compiled, work)]
     return lines, peak <= hbm
 
 
-def _cost_estimate(compiled) -> str:
-    """The compiler's own flops / bytes / step-time estimate: libtpu gives one; XLA:GPU's
-    cost_analysis needs a GPU client and returns None (or raises) when compiling without one."""
+def _cost_estimate(compiled, work: Work) -> list[str]:
+    """The compiler's own per-chip flops, bytes and step time (libtpu gives them; XLA:GPU's
+    cost_analysis needs a GPU client and returns None, or raises, when compiling without one), and
+    what the step time would mean: tokens/s per chip and MFU. An estimate, not a measurement; a
+    step time that is not positive (libtpu reports negative times it has no model for) is
+    reported as unavailable rather than turned into a rate."""
+    label = "compiler estimate (not measured)"
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - unimplemented for compile-only GPU devices
@@ -140,11 +168,20 @@ def _cost_estimate(compiled) -> str:
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0] if cost else None
     if not cost:
-        return "none (this compiler gives no cost analysis without a device)"
-    flops, accessed, seconds = (cost.get(key, -1) for key in ("flops", "bytes accessed", "optimal_seconds"))
-    parts = [f"{flops:.3g} flop" if flops >= 0 else "", f"{accessed / 2**30:.3g} GiB accessed" if accessed >= 0 else "",
-             f"{seconds * 1e3:.3g} ms" if seconds > 0 else ""]  # libtpu reports a negative time it has no model for
-    return ", ".join(p for p in parts if p) or "none"
+        return [f"  {label:<34}none (this compiler gives no cost analysis without a device)"]
+    flops, accessed, seconds = (float(cost.get(key, math.nan)) for key in ("flops", "bytes accessed", "optimal_seconds"))
+    known = lambda x: math.isfinite(x) and x >= 0
+    lines = [f"  {label:<34}"
+             f"{f'{flops:.3g} flop' if known(flops) else 'flops unavailable'}, "
+             f"{f'{accessed / 2**30:.3g} GiB accessed' if known(accessed) else 'bytes unavailable'} per chip; "
+             f"model {work.model_flops_per_chip:.3g} flop per chip"]
+    if math.isfinite(seconds) and seconds > 0:
+        mfu = work.model_flops_per_chip / (seconds * work.peak_flops) if math.isfinite(work.peak_flops) else math.nan
+        lines.append(f"  {'  step time (estimate)':<34}{seconds * 1e3:.4g} ms: {work.tokens_per_chip / seconds:,.0f} "
+                     f"tokens/s per chip, MFU {mfu:.1%} of {work.peak_flops / 1e12:.0f} TFLOP/s")
+    else:
+        lines.append(f"  {'  step time (estimate)':<34}unavailable (optimal_seconds = {seconds:.3g})")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-len", type=int, default=4096, help="decode cache length (tokens)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="model config overrides (ints, floats, strings), e.g. num_layers=2, "
-                             "expert_dispatch=capacity (auto | capacity | ragged), expert_capacity_factor=1.5")
+                             "expert_dispatch=capacity (auto | capacity | ragged), expert_capacity_factor=1.5, "
+                             "ragged_buffer_factor=2 (training only; 0: dropless)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args(argv)
@@ -187,20 +225,23 @@ def main(argv: list[str] | None = None) -> int:
     with jax.set_mesh(mesh):  # `auto` resolves by the platform of the devices compiled for
         dispatch = resolve_dispatch(cfg.expert_dispatch)
     print(f"{cfg.name} on {args.topology}: {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}, "
-          f"expert dispatch {dispatch} (capacity factor {cfg.expert_capacity_factor:g})")
+          f"expert dispatch {dispatch} (capacity factor {cfg.expert_capacity_factor:g}, ragged buffer factor "
+          f"{cfg.ragged_buffer_factor:g}{'' if cfg.ragged_buffer_factor else ': dropless'}; decode dropless)")
 
     ok = True
     with jax.set_mesh(mesh):
         if not args.skip_train:
             lowered, parts = compile_train_step(cfg, mesh, args.batch, args.seq_len)
+            work = step_work(cfg, args.batch * args.seq_len, len(devices), devices[0], training=True)
             lines, fits = report(f"training step: batch {args.batch} x {args.seq_len} tokens, AdamW",
-                                 lowered, parts, hbm)
+                                 lowered, parts, hbm, work)
             print("\n".join(lines), flush=True)
             ok &= fits
         if not args.skip_decode:
             lowered, parts = compile_decode_step(cfg, mesh, args.decode_batch, args.cache_len)
+            work = step_work(cfg, args.decode_batch, len(devices), devices[0], training=False)
             lines, fits = report(f"decode step: batch {args.decode_batch}, cache {args.cache_len} tokens",
-                                 lowered, parts, hbm)
+                                 lowered, parts, hbm, work)
             print("\n".join(lines), flush=True)
             ok &= fits
     return 0 if ok else 1

@@ -14,9 +14,17 @@ Dispatches (`ModelConfig.expert_dispatch`):
             C = ceil(expert_capacity_factor * T_local * target_ffn_experts_per_token / E), at most
             T_local. Slots past C are dropped (the token keeps its other experts and the
             zero-expert term) and counted. Runs everywhere, CPU included.
-  ragged    `ragged_all_to_all` of exactly the routed rows, into a receive buffer sized for the
-            worst case (dropless). XLA:CPU cannot run it; TPU and GPU can.
+  ragged    `ragged_all_to_all` of exactly the routed rows. The receive buffer holds the worst case
+            (dropless) or, with `ragged_buffer_factor` > 0, B = ceil(ragged_buffer_factor * T_local *
+            target_ffn_experts_per_token) rows, the balanced load times the factor (MaxText's
+            name); rows past B are dropped and counted like capacity drops: each device fills its
+            buffer from source devices in order, each source's rows ordered by local expert, then
+            token. XLA:CPU cannot run it; TPU and GPU can.
   auto      ragged when compiling for TPU or GPU, capacity elsewhere.
+
+Inference never drops: `LongcatModel.prefill` and `decode_step` trace under `dropless()`, which
+sizes both dispatches for the worst case (capacity C = T_local; the ragged buffer unbounded), so
+the factors only bound the training step's buffers.
 
 The grouped pieces (`sort_by_expert`, `unsort`, `grouped_swiglu`, `weighted_slot_sum`) live here,
 below the model, because both the single-device grouped FFN (lite.moe.grouped_experts) and the two
@@ -25,9 +33,11 @@ dispatches use them, and sharding/ may not import lite.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+import threading
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,12 +108,53 @@ def weighted_slot_sum(per_slot: jax.Array, served: jax.Array, weights: jax.Array
 # ---------------------------------------------------------------------------------------------
 # The MoE on a mesh.
 
+_TRACING = threading.local()  # .dropless: set while tracing under `dropless()`
+
+
+@contextlib.contextmanager
+def dropless_context() -> Iterator[None]:
+    """While tracing inside it, every dispatch is sized for the worst case and drops nothing."""
+    before = getattr(_TRACING, "dropless", False)
+    _TRACING.dropless = True
+    try:
+        yield
+    finally:
+        _TRACING.dropless = before
+
+
+def dropless(function: Callable) -> Callable:
+    """Decorator: `function` traces its MoE layers under `dropless_context()` (inference steps)."""
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with dropless_context():
+            return function(*args, **kwargs)
+    return wrapped
+
+
+def is_dropless() -> bool:
+    return getattr(_TRACING, "dropless", False)
+
+
 def expert_capacity(num_local_tokens: int, cfg) -> int:
     """Slots each device may send to each FFN expert: the balanced load at the target number of FFN
-    experts per token, times `cfg.expert_capacity_factor`; never more than the tokens that could come.
+    experts per token, times `cfg.expert_capacity_factor`; never more than the tokens that could come
+    (all of them under `dropless()`).
     cfg: a lite ModelConfig (read for n_routed_experts, target_ffn_experts_per_token and the factor)."""
+    if is_dropless():
+        return num_local_tokens
     balanced = num_local_tokens * cfg.target_ffn_experts_per_token / cfg.n_routed_experts
     return max(1, min(num_local_tokens, math.ceil(cfg.expert_capacity_factor * balanced)))
+
+
+def ragged_buffer_rows(num_local_tokens: int, n_ep: int, cfg) -> int:
+    """Rows of a device's ragged receive buffer: the worst case, n_ep * T_local * moe_topk (every
+    device sends every slot here), or with `cfg.ragged_buffer_factor` > 0 (and not under
+    `dropless()`) the balanced load T_local * target_ffn_experts_per_token times the factor."""
+    worst = n_ep * num_local_tokens * cfg.moe_topk
+    if is_dropless() or not cfg.ragged_buffer_factor:
+        return worst
+    balanced = num_local_tokens * cfg.target_ffn_experts_per_token
+    return max(1, min(worst, math.ceil(cfg.ragged_buffer_factor * balanced)))
 
 
 def resolve_dispatch(dispatch: str) -> str:
@@ -161,7 +212,8 @@ def _dispatch(cfg, n_ep: int, local_tokens: int) -> ExpertsFn | None:
     if resolve_dispatch(cfg.expert_dispatch) == "capacity":
         return functools.partial(_capacity_dispatch, num_experts=cfg.n_routed_experts,
                                  capacity=expert_capacity(local_tokens, cfg))
-    return functools.partial(_ragged_dispatch, num_experts=cfg.n_routed_experts)
+    return functools.partial(_ragged_dispatch, num_experts=cfg.n_routed_experts,
+                             buffer_rows=ragged_buffer_rows(local_tokens, n_ep, cfg))
 
 
 def _slot_keys(chosen: jax.Array, token_mask: jax.Array, num_experts: int) -> jax.Array:
@@ -202,13 +254,16 @@ def _capacity_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *, 
     return ExpertsOutput(weighted_slot_sum(per_slot, kept, weights), dropped)
 
 
-def _ragged_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *,
-                     num_experts: int) -> ExpertsOutput:
-    """A dropless `ExpertsFn` inside the shard_map.
+def _ragged_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *, num_experts: int,
+                     buffer_rows: int) -> ExpertsOutput:
+    """An `ExpertsFn` inside the shard_map, receiving at most `buffer_rows` rows per device.
 
-    Slots sorted by expert are contiguous per destination device; `ragged_all_to_all` moves
-    exactly those rows. Received rows come grouped by source, then local expert; they are sorted
-    by local expert for the grouped matmul, unsorted, and sent back along the reverse route.
+    Slots sorted by expert are contiguous per destination device; `ragged_all_to_all` moves those
+    rows, each source's block landing after the blocks of the sources before it. Rows that would
+    land past `buffer_rows` are cut from the end of their block (so the last sources, and in a
+    block the last local experts, lose first) and counted as dropped. Received rows come grouped by
+    source, then local expert; they are sorted by local expert for the grouped matmul, unsorted,
+    and sent back along the reverse route.
     """
     num_tokens, top_k = chosen.shape
     n_ep = jax.lax.axis_size("expert")
@@ -219,26 +274,38 @@ def _ragged_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *,
     by_expert = sort_by_expert(keys, num_experts)
     rows = x[by_expert.order // top_k]  # [T*k, D]: FFN slots by expert, then zero-expert/padding slots
     sent = jax.lax.all_gather(by_expert.group_sizes.reshape(n_ep, local_experts), "expert")  # [src, dst, E_loc]
-    sent_to = sent.sum(-1)  # [src, dst] rows
+    wanted = sent.sum(-1)  # [src, dst] rows each source has for each destination
+    # Destination dst's buffer takes the sources in order: source s's block starts where the blocks
+    # of sources < s end, and whatever lies past buffer_rows is cut.
+    ends = jnp.minimum(jnp.cumsum(wanted, axis=0), buffer_rows)  # [src, dst]
+    starts = jnp.minimum(jnp.cumsum(wanted, axis=0) - wanted, buffer_rows)
+    sent_to = ends - starts  # [src, dst] rows actually moved
     send_sizes = sent_to[me]
-    input_offsets = jnp.cumsum(send_sizes) - send_sizes
-    below_me = (jnp.arange(n_ep) < me)[:, None]
-    output_offsets = jnp.sum(jnp.where(below_me, sent_to, 0), axis=0)  # where my rows land at each dst
+    input_offsets = jnp.cumsum(wanted[me]) - wanted[me]  # my block for each dst, in my sorted rows
+    output_offsets = starts[me]  # where my rows land at each dst
     recv_sizes = sent_to[:, me]
-    capacity = n_ep * slots  # worst case: every device sends every slot here
-    recv = ragged_all_to_all(rows, jnp.zeros((capacity, d), x.dtype), input_offsets, send_sizes,
+    recv = ragged_all_to_all(rows, jnp.zeros((buffer_rows, d), x.dtype), input_offsets, send_sizes,
                              output_offsets, recv_sizes, axis_name="expert")
-    # Local expert of each received row: blocks (source, local expert) in that order.
-    block_sizes = sent[:, me, :].reshape(-1)  # [n_src * E_loc]
-    block = jnp.repeat(jnp.arange(n_ep * local_experts), block_sizes, total_repeat_length=capacity)
-    received = jnp.arange(capacity) < jnp.sum(block_sizes)
+    # Local expert of each received row: blocks (source, local expert) in that order, each source's
+    # block cut to what it sent.
+    before = jnp.cumsum(sent[:, me, :], axis=1) - sent[:, me, :]  # [src, E_loc] rows ahead in the block
+    block_sizes = jnp.clip(recv_sizes[:, None] - before, 0, sent[:, me, :]).reshape(-1)  # [n_src * E_loc]
+    block = jnp.repeat(jnp.arange(n_ep * local_experts), block_sizes, total_repeat_length=buffer_rows)
+    received = jnp.arange(buffer_rows) < jnp.sum(block_sizes)
     by_local_expert = sort_by_expert(jnp.where(received, block % local_experts, local_experts), local_experts)
     y = grouped_swiglu(recv[by_local_expert.order], by_local_expert.group_sizes, w_gate, w_up, w_down)
     y = jnp.where(received[:, None], unsort(y, by_local_expert.order), 0)  # (source, local expert) blocks
     # Reverse route: my block from source s goes back to where s took it from.
     recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
-    source_offsets = jnp.sum(jnp.where(jnp.arange(n_ep)[None, :] < me, sent_to, 0), axis=1)  # [src]
+    source_offsets = jnp.cumsum(wanted, axis=1)[:, me] - wanted[:, me]  # [src]: input_offsets of each source
     back = ragged_all_to_all(y, jnp.zeros((slots, d), y.dtype), recv_offsets, recv_sizes,
                              source_offsets, send_sizes, axis_name="expert")  # [T*k, D] sorted order
-    combined = weighted_slot_sum(unsort(back, by_expert.order), keys < num_experts, weights)
-    return ExpertsOutput(combined, jnp.zeros((), jnp.float32))
+    # A sorted row was served when it lies within the part of its destination's block that was sent.
+    is_ffn_sorted = keys[by_expert.order] < num_experts
+    destination = jnp.minimum(keys[by_expert.order] // local_experts, n_ep - 1)
+    position = jnp.arange(slots) - input_offsets[destination]
+    served_sorted = is_ffn_sorted & (position < send_sizes[destination])
+    served = unsort(served_sorted, by_expert.order)
+    dropped = jnp.sum(is_ffn_sorted & ~served_sorted).astype(jnp.float32)
+    combined = weighted_slot_sum(unsort(back, by_expert.order), served, weights)
+    return ExpertsOutput(combined, dropped)

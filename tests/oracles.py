@@ -44,13 +44,14 @@ def numpy_grouped(lhs, rhs, group_sizes, offset: int = 0) -> np.ndarray:
     return out
 
 
-def numpy_moe(moe, u, mask=None, capacity: int | None = None, shards: int = 1):
+def numpy_moe(moe, u, mask=None, capacity: int | None = None, shards: int = 1, drop=frozenset()):
     """float64 loops over tokens -> (out [T, D], chosen experts per token (sorted lists), dropped slots).
 
     Router: softmax in float64, top-k on scores + bias, weights = unbiased scores x routed scale. A
     zero expert returns its input. Padding (mask False) is not sent to the FFN experts. With a
     capacity: slot (t, j) of shard s is served by FFN expert e only if fewer than `capacity` earlier
-    (t', j') of that shard, in token-major order, chose e; the others are dropped and counted."""
+    (t', j') of that shard, in token-major order, chose e; the others are dropped and counted.
+    drop: (token, FFN expert) slots that are dropped and counted (`ragged_buffer_drops`)."""
     cfg = moe.cfg
     classifier = np.asarray(moe.router.classifier[...], np.float64)
     bias = np.asarray(moe.router.bias[...], np.float64)
@@ -74,9 +75,33 @@ def numpy_moe(moe, u, mask=None, capacity: int | None = None, shards: int = 1):
                 continue
             key = (t // per_shard, e)
             used[key] = used.get(key, 0) + 1
-            if capacity is not None and used[key] > capacity:
+            if (capacity is not None and used[key] > capacity) or (t, int(e)) in drop:
                 dropped += 1
                 continue
             g = u[t] @ gate[e]
             out[t] += weight * ((g / (1 + np.exp(-g)) * (u[t] @ up[e])) @ down[e])
     return out, chosen_all, dropped
+
+
+def ragged_buffer_drops(chosen, mask, num_ffn_experts: int, *, devices: int, expert_devices: int,
+                        buffer_rows: int) -> set:
+    """The (token, FFN expert) slots a ragged dispatch with `buffer_rows`-row receive buffers drops.
+
+    chosen: per token its experts (numpy_moe's second result); mask bool[T]. The tokens are split
+    into `devices` equal shards; shard i sits at position i % expert_devices of the expert axis,
+    and position p owns FFN experts [p * E / n, (p + 1) * E / n). A device's buffer takes the slots
+    from the devices of its expert group in order, each device's slots ordered by (expert, token);
+    the slots past buffer_rows are dropped.
+    """
+    shard = len(chosen) // devices
+    per_device = num_ffn_experts // expert_devices
+    dropped = set()
+    for group_start in range(0, len(chosen), shard * expert_devices):
+        for dst in range(expert_devices):
+            arrivals = []
+            for src in range(expert_devices):
+                first = group_start + src * shard
+                arrivals += sorted((int(e), t) for t in range(first, first + shard) if mask[t]
+                                   for e in chosen[t] if e < num_ffn_experts and e // per_device == dst)
+            dropped |= {(t, e) for e, t in arrivals[buffer_rows:]}
+    return dropped

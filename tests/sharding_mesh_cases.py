@@ -16,10 +16,10 @@ from flax import nnx
 from lite.config import get_config
 from lite.model import LongcatModel, PackedPrompts, next_token_loss, pack_prompts
 from lite.moe import MoE
-from oracles import numpy_moe
+from oracles import numpy_moe, ragged_buffer_drops
 from pallas_kernels import backend as kernel_backend
 from sharding import expert_parallel
-from sharding.expert_parallel import expert_capacity
+from sharding.expert_parallel import expert_capacity, ragged_buffer_rows
 from sharding.mesh import make_mesh
 from sharding.rules import shard_model
 
@@ -105,9 +105,12 @@ def test_loss_and_every_gradient_match_single_device(spec, kernels, chosen_kerne
     for path, leaf in got:
         np.testing.assert_allclose(np.asarray(leaf[...]), np.asarray(want[path][...]), rtol=0, atol=1e-5,
                                    err_msg="/".join(map(str, path)))
-    # Not vacuous: the table got gradients on every device's rows.
+    # The padded table's rows split 8 ways: each device holds an eighth.
+    assert model.embed.ngram_table[...].addressable_shards[0].data.shape[0] == CFG.ngram_padded_rows // 8
+    # Not vacuous: the table got gradients on every device's real rows, and none on the padding.
     table_grad = np.asarray(dict(got)[("embed", "ngram_table")][...])
-    rows_per_device = table_grad.shape[0] // 8
+    assert not table_grad[CFG.ngram_total_rows:].any()
+    rows_per_device = CFG.ngram_total_rows // 8
     assert all(np.abs(table_grad[d * rows_per_device:(d + 1) * rows_per_device]).sum() > 0 for d in range(8))
 
 
@@ -125,7 +128,8 @@ def test_decode_step_on_mesh_matches_single_device(kernels, chosen_kernels):
     model = LongcatModel(CFG, rngs=nnx.Rngs(0))
     want_logits, want_cache = nnx.jit(prefill_and_step)(model)
     mesh = make_mesh("data=2,expert=4")
-    model = LongcatModel(NO_DROPS, rngs=nnx.Rngs(0))
+    # Buffers that would drop nearly every slot in training: inference ignores them (dropless).
+    model = LongcatModel(CFG.replace(expert_dispatch="capacity", expert_capacity_factor=0.01), rngs=nnx.Rngs(0))
     chosen_kernels.clear()
     with jax.set_mesh(mesh), kernel_backend.forced(kernels):
         shard_model(model, mesh)
@@ -224,3 +228,26 @@ def test_ragged_dispatch_is_dropless_and_matches_single_device(monkeypatch):
     for name in ("w_gate", "w_up", "w_down"):
         np.testing.assert_allclose(np.asarray(getattr(gm, name)[...]), np.asarray(getattr(want_gm, name)[...]),
                                    rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=4"])
+def test_bounded_ragged_buffer_drops_exactly_the_overflow_slots(spec, monkeypatch):
+    monkeypatch.setattr(expert_parallel, "ragged_all_to_all", emulated_ragged_all_to_all)
+    cfg = CFG.replace(expert_dispatch="ragged", ragged_buffer_factor=0.75)
+    moe, u, mask = moe_inputs(cfg)
+    n_ep = dict(make_mesh(spec).shape)["expert"]
+    buffer_rows = ragged_buffer_rows(len(u) // 8, n_ep, cfg)
+    assert buffer_rows == 12  # 8 tokens per device x 2 target FFN slots x 0.75
+    _, chosen, _ = numpy_moe(moe, u, mask)
+    drop = ragged_buffer_drops(chosen, mask, cfg.n_routed_experts, devices=8, expert_devices=n_ep,
+                               buffer_rows=buffer_rows)
+    want_out, _, want_dropped = numpy_moe(moe, u, mask, drop=drop)
+    assert want_dropped == len(drop) > 3
+    out, _, dropped = run_on_mesh(moe, u, mask, spec)
+    assert int(dropped) == want_dropped
+    np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-5)
+    # The same buffers under `dropless` (how prefill and decode steps trace): nothing is dropped.
+    with expert_parallel.dropless_context():
+        out, _, dropped = run_on_mesh(moe, u, mask, spec)
+    assert int(dropped) == 0
+    np.testing.assert_allclose(out, numpy_moe(moe, u, mask)[0], rtol=1e-4, atol=1e-5)

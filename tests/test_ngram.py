@@ -161,3 +161,37 @@ def test_without_ngram_it_is_a_plain_embedding():
     tokens = jnp.asarray([[3, 4, 5]])
     np.testing.assert_array_equal(np.asarray(emb(tokens)), np.asarray(emb.token_table[...])[[[3, 4, 5]]])
     assert not hasattr(emb, "ngram_table")
+
+
+def test_padded_rows_are_never_hashed_into_at_the_released_sizes():
+    """The flat table's padding (ModelConfig.ngram_padded_rows) lies past every row the hash can give:
+    sub-table s holds ids < V_s (Python integers, extreme and random windows), starts at its offset,
+    and the sub-tables end exactly at ngram_total_rows, the rows Hugging Face stores."""
+    sizes = [REAL.ngram_vocab_ratio * V0 + 2 * s + 1 for s in range(REAL.num_ngram_tables)]
+    assert list(REAL.ngram_table_sizes) == sizes
+    offsets = [sum(sizes[:s]) for s in range(len(sizes))]
+    assert list(REAL.ngram_table_offsets) == offsets and offsets[-1] + sizes[-1] == REAL.ngram_total_rows
+    assert REAL.ngram_total_rows == 122_683_536 and REAL.ngram_padded_rows % 6144 == 0
+    assert 0 <= REAL.ngram_padded_rows - REAL.ngram_total_rows < 6144
+    rng = np.random.default_rng(7)
+    rows = [[V0 - 1] * 6, [V0 - 1, V0 - 2, V0 - 3, V0 - 4, V0 - 5, V0 - 6], rng.integers(3, V0, 6).tolist(),
+            rng.integers(V0 - 1000, V0, 6).tolist()]
+    want = np.concatenate([python_ngram_ids_of(row, REAL) for row in rows])  # [positions, S]
+    check(rows)  # the model's hash gives exactly these ids
+    highest = want.max(axis=0)
+    assert all(int(highest[s]) < sizes[s] for s in range(len(sizes)))
+    assert max(offsets[s] + int(highest[s]) for s in range(len(sizes))) < REAL.ngram_total_rows
+
+
+def test_padding_rows_start_zero_and_the_table_splits_over_meshes():
+    cfg = get_config("tiny")
+    emb = NgramEmbedding(cfg, rngs=nnx.Rngs(0))
+    table = np.asarray(emb.ngram_table[...])
+    assert table.shape == (cfg.ngram_padded_rows, cfg.ngram_table_width) and cfg.ngram_padded_rows > cfg.ngram_total_rows
+    assert not table[cfg.ngram_total_rows:].any() and table[: cfg.ngram_total_rows].std() > 0
+    # Every mesh of 2^a or 3 x 2^a devices up to 1024 (3072) splits the released table evenly, into an
+    # even number of rows per device (the TPU gather's bf16 row pairs) up to 1024 devices.
+    for devices in [2**a for a in range(11)] + [3 * 2**a for a in range(11)]:
+        assert REAL.ngram_padded_rows % devices == 0, devices
+        if devices <= 1024:
+            assert REAL.ngram_padded_rows // devices % 2 == 0, devices

@@ -14,7 +14,7 @@ from flax import nnx
 
 from lite.config import ConfigError, get_config
 from lite.model import LongcatModel
-from sharding.expert_parallel import expert_capacity
+from sharding.expert_parallel import dropless_context, expert_capacity, ragged_buffer_rows
 from sharding.mesh import MeshSpecError, parse_mesh_spec
 from sharding.rules import LOGICAL_TO_MESH, describe_param_shardings, logical_to_spec
 
@@ -54,6 +54,11 @@ def test_every_parameter_has_logical_axes_and_mesh_axes_divide_or_are_dropped():
     assert logical_to_spec(("ngram_rows", None), (4112, 16), FakeMesh(data=2, fsdp=2, expert=8)) == \
         jax.sharding.PartitionSpec(("data", "fsdp"), None)
     assert set(LOGICAL_TO_MESH["batch"]) == {"data", "fsdp", "expert"}
+    # The released table, padded, splits over every device of a 4x4x8 v5p pod and of 4 x 8 H200s.
+    lite = get_config("longcat-flash-lite")
+    for mesh in (FakeMesh(fsdp=16, expert=8), FakeMesh(data=4, expert=8), FakeMesh(data=3, expert=8)):
+        assert logical_to_spec(("ngram_rows", None), (lite.ngram_padded_rows, 192), mesh) == \
+            jax.sharding.PartitionSpec(tuple(mesh.axis_names), None)
 
 
 def test_expert_capacity():
@@ -67,6 +72,20 @@ def test_expert_capacity():
         cfg.replace(expert_dispatch="dense")
     with pytest.raises(ConfigError, match="expert_capacity_factor"):
         cfg.replace(expert_capacity_factor=0.0)
+    with dropless_context():  # inference: every token may come
+        assert expert_capacity(64, factor(1.0)) == 64
+
+
+def test_ragged_buffer_rows():
+    cfg = get_config("tiny", n_routed_experts=8, moe_topk=3, zero_expert_num=4, target_ffn_experts_per_token=2.0)
+    factor = lambda f: cfg.replace(ragged_buffer_factor=f)
+    assert ragged_buffer_rows(64, 4, cfg) == 4 * 64 * 3  # default 0: the worst case, every slot of 4 devices
+    assert ragged_buffer_rows(64, 4, factor(1.5)) == 192  # 64 tokens * 2 FFN slots * 1.5
+    assert ragged_buffer_rows(64, 4, factor(100.0)) == 4 * 64 * 3  # never more than the worst case
+    with dropless_context():
+        assert ragged_buffer_rows(64, 4, factor(1.5)) == 4 * 64 * 3
+    with pytest.raises(ConfigError, match="ragged_buffer_factor"):
+        cfg.replace(ragged_buffer_factor=-1.0)
 
 
 def _run(args, env_extra, timeout):
@@ -80,4 +99,4 @@ def _run(args, env_extra, timeout):
 def test_sharded_model_equals_single_device_on_8_cpu_devices():
     out = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sharding_mesh_cases.py"],
                {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}, timeout=600)
-    assert "14 passed" in out, out
+    assert "16 passed" in out, out

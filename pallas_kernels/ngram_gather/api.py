@@ -15,7 +15,7 @@ from pallas_kernels.ngram_gather.rows import RowSpec
 def ngram_gather(table: jax.Array, spec: RowSpec, *, windows: jax.Array | None = None,
                  ids: jax.Array | None = None, row_start: jax.Array | int | None = None,
                  implementation: str = "auto") -> jax.Array:
-    """The rows of the flat N-gram table [R, w] described by `spec` for every token -> [..., S, w].
+    """The rows of the flat N-gram table [R, w] (R >= spec.total_rows; later rows: padding) described by `spec` for every token -> [..., S, w].
 
     Give exactly one of windows int32[..., N] (`lite.ngram.ngram_windows`: the kernel computes the
     32-bit hash, the fused path) or ids int32[..., S] (`lite.ngram.ngram_ids`, local to each
@@ -30,8 +30,10 @@ def ngram_gather(table: jax.Array, spec: RowSpec, *, windows: jax.Array | None =
     key_kind, keys = ("windows", windows) if windows is not None else ("ids", ids)
     num_keys = spec.num_keys(key_kind)
     whole = row_start is None
-    if table.ndim != 2 or (whole and table.shape[0] != spec.total_rows) or table.shape[0] > spec.total_rows:
-        expected = f"[{spec.total_rows}, w]" if whole else f"[at most {spec.total_rows}, w] (a shard)"
+    # A whole table may end in padding rows (the model pads it to a multiple every mesh divides):
+    # the hash never reaches rows past spec.total_rows.
+    if table.ndim != 2 or (whole and table.shape[0] < spec.total_rows):
+        expected = f"[at least {spec.total_rows}, w]" if whole else "[rows, w] (a shard)"
         raise ValueError(f"ngram_gather: table must be {expected} for {spec.num_tables} sub-tables of "
                          f"{spec.table_sizes} rows, got {table.shape}")
     if keys.shape[-1:] != (num_keys,) or not jnp.issubdtype(keys.dtype, jnp.integer):
