@@ -5,7 +5,8 @@
     echo "In the beginning" | python serve.py --checkpoint runs/demo --max-new-tokens 32 --stop "."
 
 The checkpoint is a directory written by `lite.checkpoint.save_model` (config.json,
-model.safetensors) holding the SentencePiece `tokenizer.model`; a train.py run directory works too
+model.safetensors) or a Hugging Face checkpoint directory (read directly, no conversion), holding
+the SentencePiece `tokenizer.model` or a `tokenizer.json`; a train.py run directory works too
 (its `model/` is used). Prompts come from the arguments, from --prompts FILE (one per line) or from
 stdin (one per line); each is encoded as [BOS] + tokens, as train.py encodes documents. The whole
 batch is prefilled at once and decoded by a compiled loop (lite/decode.py). Every input is checked
@@ -22,11 +23,9 @@ from typing import Sequence, TextIO
 
 from lite.checkpoint import CONFIG_FILE, CheckpointError, load_config, load_model
 from lite.config import ConfigError, ModelConfig
+from lite.data import DataError, Tokenizer, checkpoint_tokenizer
 from lite.decode import DecodeError, Generator, Sampling, check_prompts
 from sharding.mesh import MeshSpecError, initialize_distributed, make_mesh
-
-TOKENIZER_FILE = "tokenizer.model"
-
 
 class ServeError(ValueError):
     """Bad command-line input; the message says what and where."""
@@ -75,25 +74,12 @@ def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
     return path / "model" if (path / "model" / CONFIG_FILE).is_file() else path
 
 
-def load_tokenizer(directory: pathlib.Path, cfg: ModelConfig):
-    import sentencepiece as spm
-
-    path = directory / TOKENIZER_FILE
-    if not path.is_file():
-        raise CheckpointError(f"no tokenizer in {directory}: {TOKENIZER_FILE} is missing")
+def load_tokenizer(directory: pathlib.Path, cfg: ModelConfig) -> Tokenizer:
+    """The checkpoint's tokenizer.model or tokenizer.json (+ tokenizer_config.json), checked against its config."""
     try:
-        tokenizer = spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as error:
-        raise CheckpointError(f"{path} is not a SentencePiece model: {error}") from error
-    # Fewer pieces than vocab_size is what train.py writes when the corpus runs out of merges
-    # (hard_vocab_limit=False); generation then never emits the ids the tokenizer lacks.
-    wrong = [f"{name} {value} (the model has {getattr(cfg, name)})" for name, value, bad in (
-        ("vocab_size", tokenizer.get_piece_size(), tokenizer.get_piece_size() > cfg.vocab_size),
-        ("bos_token_id", tokenizer.bos_id(), tokenizer.bos_id() != cfg.bos_token_id),
-        ("eos_token_id", tokenizer.eos_id(), tokenizer.eos_id() != cfg.eos_token_id)) if bad]
-    if wrong:
-        raise CheckpointError(f"the tokenizer {path} does not match the checkpoint: it has {', '.join(wrong)}")
-    return tokenizer
+        return checkpoint_tokenizer(directory, cfg)
+    except DataError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:

@@ -32,6 +32,7 @@ from lite import hf as hf_lib
 from lite.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_directory, check_tensor_names, config_to_dict,
                              load_config, state_shapes)
 from lite.config import ConfigError, ModelConfig
+from lite.data import HF_TOKENIZER_CONFIG_FILE, DataError, hf_tokenizer_config, load_tokenizer, tokenizer_files
 
 HF_INDEX_FILE = "model.safetensors.index.json"
 CHUNK_BYTES = 64 << 20  # the most a single read / write holds in memory
@@ -240,6 +241,16 @@ def _carry_files(source: pathlib.Path, target: pathlib.Path) -> None:
                 shutil.copyfile(path, target / path.name)
 
 
+def _write_generation_files(cfg: ModelConfig, directory: pathlib.Path) -> None:
+    """generation_config.json and tokenizer_config.json, where the source brought none (train.py's
+    checkpoints carry only tokenizer.model): transformers reads the special tokens from them."""
+    if not (directory / "generation_config.json").exists():
+        (directory / "generation_config.json").write_text(json.dumps(hf_lib.generation_config(cfg), indent=2))
+    if tokenizer_files(directory) and not (directory / HF_TOKENIZER_CONFIG_FILE).exists():
+        config = hf_tokenizer_config(load_tokenizer(directory), cfg)
+        (directory / HF_TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
 def _progress_printer(total: int, label: str, quiet: bool) -> Callable[[int], None]:
     done, shown = [0], [0]
 
@@ -364,6 +375,7 @@ def to_hf(our_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_b
             (tmp / HF_INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         _carry_files(our_dir, tmp)
+        _write_generation_files(cfg, tmp)
     source.release()
     return hf_config
 
@@ -386,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             to_hf(args.to_hf, args.out, max_shard_bytes=parse_size(args.max_shard_size), quiet=args.quiet)
             print(f"wrote {args.out}")
-    except (CheckpointError, ConfigError) as error:
+    except (CheckpointError, ConfigError, DataError) as error:
         sys.exit(f"error: {error}")
 
 
