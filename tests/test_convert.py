@@ -13,7 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from lite import convert
-from lite.checkpoint import CheckpointError, load_model
+from lite.checkpoint import CheckpointError, TensorPlan, load_model, write_safetensors
 from lite.config import ConfigError, ModelConfig, YarnScaling, get_config
 from lite import hf as hf_lib
 from lite.hf import is_ignored_hf_key
@@ -304,11 +304,11 @@ def test_streamed_writer_matches_safetensors_reader(tmp_path):
 
     arrays = {"a": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "b": np.arange(5).astype(ml_dtypes.bfloat16),
               "c": np.ones((3,), np.int64)}
-    plans = [convert.TensorPlan(k, v.dtype, v.shape, lambda emit, v=v: [emit(row) for row in v]) for k, v in arrays.items()]
-    convert.write_safetensors(tmp_path / "x.safetensors", plans, {"format": "pt"})
+    plans = [TensorPlan(k, v.dtype, v.shape, lambda emit, v=v: [emit(row) for row in v]) for k, v in arrays.items()]
+    write_safetensors(tmp_path / "x.safetensors", plans, {"format": "pt"})
     got = load_file(str(tmp_path / "x.safetensors"))
     for k, v in arrays.items():
         assert got[k].dtype == v.dtype and got[k].tobytes() == v.tobytes()
-    bad = [convert.TensorPlan("a", np.float32, (4,), lambda emit: emit(np.zeros(3, np.float32)))]
+    bad = [TensorPlan("a", np.float32, (4,), lambda emit: emit(np.zeros(3, np.float32)))]
     with pytest.raises(AssertionError, match="wrote 12 bytes, the header says 16"):
-        convert.write_safetensors(tmp_path / "y.safetensors", bad)
+        write_safetensors(tmp_path / "y.safetensors", bad)
