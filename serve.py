@@ -19,13 +19,16 @@ import argparse
 import json
 import pathlib
 import sys
+import traceback
 from typing import Sequence, TextIO
+
+import jax
 
 from lite.checkpoint import CONFIG_FILE, CheckpointError, load_config, load_model
 from lite.config import ConfigError, ModelConfig
 from lite.data import DataError, Tokenizer, checkpoint_tokenizer
 from lite.decode import DecodeError, Generator, Sampling, check_prompts
-from sharding.mesh import MeshSpecError, initialize_distributed, make_mesh
+from sharding.mesh import MeshSpecError, exit_at_once_if_distributed, initialize_distributed, make_mesh
 
 class ServeError(ValueError):
     """Bad command-line input; the message says what and where."""
@@ -43,7 +46,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--mesh", help="decode sharded over all devices, e.g. expert=8 or data=2,expert=4 "
-                                       "(sharding/: experts and N-gram table rows split; default: one device)")
+                                       "(sharding/: experts and N-gram table rows split; default: one device, "
+                                       "or data over all devices on several processes); the weights are read "
+                                       "straight into their shards")
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process by hand: process 0's address "
+                                                                   "(every process gets the same prompts)")
+    parser.add_argument("--num-processes", type=int, metavar="N", help="with --coordinator: how many processes")
+    parser.add_argument("--process-id", type=int, metavar="I", help="with --coordinator: this process, 0..N-1")
     return parser.parse_args(argv)
 
 
@@ -94,8 +103,11 @@ def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     tokenizer = load_tokenizer(directory, cfg)
     ids = [[cfg.bos_token_id] + tokenizer.encode(prompt) for prompt in prompts]
     check_prompts(ids, cfg)  # before the weights are read: a too-long prompt fails fast
-    mesh = make_mesh(args.mesh) if args.mesh else None
-    generator = Generator(load_model(directory), vocab_limit=tokenizer.get_piece_size(), mesh=mesh)
+    if args.mesh:
+        mesh = make_mesh(args.mesh)
+    else:  # several processes decode one batch together: it is split over all of their devices
+        mesh = make_mesh(f"data={jax.device_count()}") if jax.process_count() > 1 else None
+    generator = Generator(load_model(directory, mesh=mesh), vocab_limit=tokenizer.get_piece_size(), mesh=mesh)
     completions, stats = generator.generate(ids, args.max_new_tokens, sampling, args.seed, stop_strings=args.stop,
                                             detokenize=tokenizer.decode)
     lines = [json.dumps(dict(prompt=prompt, completion=c.text, token_ids=c.token_ids, num_tokens=len(c.token_ids),
@@ -108,17 +120,27 @@ def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
         decode_tokens=stats.decode_tokens, decode_seconds=round(stats.decode_seconds, 4),
         decode_tokens_per_s=rate(stats.decode_tokens, stats.decode_seconds),
         compile_seconds=round(stats.compile_seconds, 2)))))
-    stdout.write("\n".join(lines) + "\n")
-    stdout.flush()
+    if jax.process_index() == 0:  # written once
+        stdout.write("\n".join(lines) + "\n")
+        stdout.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    initialize_distributed()
     try:
+        initialize_distributed(coordinator=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
         serve(args, sys.stdin, sys.stdout)
     except (ServeError, DecodeError, CheckpointError, ConfigError, MeshSpecError) as error:
+        if jax.process_count() > 1:  # leave at once: never wait in a shutdown barrier for the others
+            print(f"serve.py: error: {error}", file=sys.stderr)
+            exit_at_once_if_distributed(1)
         raise SystemExit(f"serve.py: error: {error}") from None
+    except BaseException:
+        if jax.process_count() > 1:
+            traceback.print_exc()
+            exit_at_once_if_distributed(1)
+        raise
 
 
 if __name__ == "__main__":
