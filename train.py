@@ -8,9 +8,9 @@
     python train.py --coordinator host0:1234 --num-processes 2 --process-id 0 ...      # one line per process
 
 Run directory (default runs/<preset>): run_config.json (model + training config, planned steps,
-data), tokenizer.model (or the --init-from checkpoint's tokenizer.json), checkpoints/ (orbax: state + data iterator, async, last k kept),
-model/ (the latest weights for serving: lite.checkpoint.load_model), metrics.jsonl,
-loss.png, expert_load.png. A run directory that holds a checkpoint is resumed (--no-resume refuses).
+data), tokenizer.model (or an --init-from checkpoint's tokenizer.json), checkpoints/ (orbax: state +
+data iterator, async, last k kept), model/ (the latest weights for serving: lite.checkpoint.load_model),
+metrics.jsonl, loss.png, expert_load.png. A run directory that holds a checkpoint is resumed (--no-resume refuses).
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ def requested_run(args: argparse.Namespace, preset: str) -> dict:
         raise ConfigError(str(error)) from error
     return dict(preset=preset, model=config_to_dict(cfg), train=dataclasses.asdict(tcfg),
                 data=[str(pathlib.Path(p).resolve()) for p in args.data] if args.data else "kjv",
-                text_field=args.text_field, init_from=str(pathlib.Path(args.init_from).resolve()) if args.init_from else None)
+                text_field=args.text_field,
+                init_from=str(pathlib.Path(args.init_from).resolve()) if args.init_from else None)
 
 
 def check_same_run(run: dict, args: argparse.Namespace) -> None:

@@ -501,7 +501,8 @@ def load_model(directory: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
 
     Without a mesh every array lands on the default device; with one, each is created already
     sharded by sharding.rules, every device's slice read straight from the memory-mapped files
-    (`sharded_array`), so no process holds more than its devices' slices plus one slice in flight. On several processes every process reads only for its own devices.
+    (`sharded_array`), so no process holds more than its devices' slices plus one slice in flight.
+    On several processes every process reads only for its own devices.
     The model's dtype wins over the stored one (float weights are cast).
     """
     directory = pathlib.Path(directory)
