@@ -5,7 +5,8 @@
     echo "In the beginning" | python serve.py --checkpoint runs/demo --max-new-tokens 32 --stop "."
 
 The checkpoint is a directory written by `lite.checkpoint.save_model` (config.json,
-model.safetensors) holding the SentencePiece `tokenizer.model`; a train.py run directory works too
+model.safetensors) or a Hugging Face checkpoint directory (read directly, no conversion), holding
+the SentencePiece `tokenizer.model` or a `tokenizer.json`; a train.py run directory works too
 (its `model/` is used). Prompts come from the arguments, from --prompts FILE (one per line) or from
 stdin (one per line); each is encoded as [BOS] + tokens, as train.py encodes documents. The whole
 batch is prefilled at once and decoded by a compiled loop (lite/decode.py). Every input is checked
@@ -18,15 +19,16 @@ import argparse
 import json
 import pathlib
 import sys
+import traceback
 from typing import Sequence, TextIO
+
+import jax
 
 from lite.checkpoint import CONFIG_FILE, CheckpointError, load_config, load_model
 from lite.config import ConfigError, ModelConfig
+from lite.data import DataError, Tokenizer, checkpoint_tokenizer
 from lite.decode import DecodeError, Generator, Sampling, check_prompts
-from sharding.mesh import MeshSpecError, initialize_distributed, make_mesh
-
-TOKENIZER_FILE = "tokenizer.model"
-
+from sharding.mesh import MeshSpecError, exit_at_once_if_distributed, initialize_distributed, make_mesh
 
 class ServeError(ValueError):
     """Bad command-line input; the message says what and where."""
@@ -44,7 +46,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--mesh", help="decode sharded over all devices, e.g. expert=8 or data=2,expert=4 "
-                                       "(sharding/: experts and N-gram table rows split; default: one device)")
+                                       "(sharding/: experts and N-gram table rows split; default: one device, "
+                                       "or data over all devices on several processes); the weights are read "
+                                       "straight into their shards")
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process by hand: process 0's address "
+                                                                   "(every process gets the same prompts)")
+    parser.add_argument("--num-processes", type=int, metavar="N", help="with --coordinator: how many processes")
+    parser.add_argument("--process-id", type=int, metavar="I", help="with --coordinator: this process, 0..N-1")
     return parser.parse_args(argv)
 
 
@@ -75,25 +83,12 @@ def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
     return path / "model" if (path / "model" / CONFIG_FILE).is_file() else path
 
 
-def load_tokenizer(directory: pathlib.Path, cfg: ModelConfig):
-    import sentencepiece as spm
-
-    path = directory / TOKENIZER_FILE
-    if not path.is_file():
-        raise CheckpointError(f"no tokenizer in {directory}: {TOKENIZER_FILE} is missing")
+def load_tokenizer(directory: pathlib.Path, cfg: ModelConfig) -> Tokenizer:
+    """The checkpoint's tokenizer.model or tokenizer.json (+ tokenizer_config.json), checked against its config."""
     try:
-        tokenizer = spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as error:
-        raise CheckpointError(f"{path} is not a SentencePiece model: {error}") from error
-    # Fewer pieces than vocab_size is what train.py writes when the corpus runs out of merges
-    # (hard_vocab_limit=False); generation then never emits the ids the tokenizer lacks.
-    wrong = [f"{name} {value} (the model has {getattr(cfg, name)})" for name, value, bad in (
-        ("vocab_size", tokenizer.get_piece_size(), tokenizer.get_piece_size() > cfg.vocab_size),
-        ("bos_token_id", tokenizer.bos_id(), tokenizer.bos_id() != cfg.bos_token_id),
-        ("eos_token_id", tokenizer.eos_id(), tokenizer.eos_id() != cfg.eos_token_id)) if bad]
-    if wrong:
-        raise CheckpointError(f"the tokenizer {path} does not match the checkpoint: it has {', '.join(wrong)}")
-    return tokenizer
+        return checkpoint_tokenizer(directory, cfg)
+    except DataError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
@@ -108,8 +103,11 @@ def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     tokenizer = load_tokenizer(directory, cfg)
     ids = [[cfg.bos_token_id] + tokenizer.encode(prompt) for prompt in prompts]
     check_prompts(ids, cfg)  # before the weights are read: a too-long prompt fails fast
-    mesh = make_mesh(args.mesh) if args.mesh else None
-    generator = Generator(load_model(directory), vocab_limit=tokenizer.get_piece_size(), mesh=mesh)
+    if args.mesh:
+        mesh = make_mesh(args.mesh)
+    else:  # several processes decode one batch together: it is split over all of their devices
+        mesh = make_mesh(f"data={jax.device_count()}") if jax.process_count() > 1 else None
+    generator = Generator(load_model(directory, mesh=mesh), vocab_limit=tokenizer.get_piece_size(), mesh=mesh)
     completions, stats = generator.generate(ids, args.max_new_tokens, sampling, args.seed, stop_strings=args.stop,
                                             detokenize=tokenizer.decode)
     lines = [json.dumps(dict(prompt=prompt, completion=c.text, token_ids=c.token_ids, num_tokens=len(c.token_ids),
@@ -122,17 +120,27 @@ def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
         decode_tokens=stats.decode_tokens, decode_seconds=round(stats.decode_seconds, 4),
         decode_tokens_per_s=rate(stats.decode_tokens, stats.decode_seconds),
         compile_seconds=round(stats.compile_seconds, 2)))))
-    stdout.write("\n".join(lines) + "\n")
-    stdout.flush()
+    if jax.process_index() == 0:  # written once
+        stdout.write("\n".join(lines) + "\n")
+        stdout.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    initialize_distributed()
     try:
+        initialize_distributed(coordinator=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
         serve(args, sys.stdin, sys.stdout)
     except (ServeError, DecodeError, CheckpointError, ConfigError, MeshSpecError) as error:
+        if jax.process_count() > 1:  # leave at once: never wait in a shutdown barrier for the others
+            print(f"serve.py: error: {error}", file=sys.stderr)
+            exit_at_once_if_distributed(1)
         raise SystemExit(f"serve.py: error: {error}") from None
+    except BaseException:
+        if jax.process_count() > 1:
+            traceback.print_exc()
+            exit_at_once_if_distributed(1)
+        raise
 
 
 if __name__ == "__main__":

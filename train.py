@@ -4,11 +4,13 @@
     python train.py --preset tiny --set steps=50 --run-dir runs/try
     python train.py --data my_texts/ --set vocab_size=8192 --set batch_size=32 --set minutes=60
     python train.py --mesh data=8,expert=1              # data parallel over 8 devices
+    python train.py --init-from runs/demo/model --set steps=100 --run-dir runs/tune   # fine-tune a checkpoint
+    python train.py --coordinator host0:1234 --num-processes 2 --process-id 0 ...      # one line per process
 
 Run directory (default runs/<preset>): run_config.json (model + training config, planned steps,
-data), tokenizer.model, checkpoints/ (orbax: state + data iterator, async, last k kept),
-model/ (the latest weights for serving: lite.checkpoint.load_model), metrics.jsonl,
-loss.png, expert_load.png. A run directory that holds a checkpoint is resumed (--no-resume refuses).
+data), tokenizer.model (or an --init-from checkpoint's tokenizer.json), checkpoints/ (orbax: state +
+data iterator, async, last k kept), model/ (the latest weights for serving: lite.checkpoint.load_model),
+metrics.jsonl, loss.png, expert_load.png. A run directory that holds a checkpoint is resumed (--no-resume refuses).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import pathlib
 import sys
 import time
+import traceback
 from typing import Callable, Iterator, NamedTuple
 
 import grain.checkpoint
@@ -29,15 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import sentencepiece as spm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from lite.checkpoint import CheckpointError, config_from_dict, config_to_dict, save_model
+from lite.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_config, load_model, save_model
 from lite.config import ConfigError, ModelConfig, get_config
-from lite.data import (Corpus, DataError, FrozenIteratorState, encode_documents, kjv_corpus, load_corpus,
-                       load_tokenizer, packed_rows, train_tokenizer, training_batches, unigram_entropy,
-                       validation_rows_for_process)
+from lite.data import (Corpus, DataError, FrozenIteratorState, Tokenizer, checkpoint_tokenizer, encode_documents,
+                       kjv_corpus, load_corpus, load_tokenizer, packed_rows, tokenizer_files, train_tokenizer,
+                       training_batches, unigram_entropy, validation_rows_for_process)
 from lite.decode import Generator, Sampling
 from lite.model import LongcatModel
 from lite.training import (TrainConfig, TrainState, evaluate, expert_load_metrics, flops_per_token, init_state,
@@ -113,6 +115,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mesh", default=None, help="e.g. data=8,expert=1 (default: data over all devices)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (automatic on TPU pods, SLURM, Open MPI)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process by hand: process 0's address")
+    parser.add_argument("--num-processes", type=int, metavar="N", help="with --coordinator: how many processes")
+    parser.add_argument("--process-id", type=int, metavar="I", help="with --coordinator: this process, 0..N-1")
+    parser.add_argument("--init-from", metavar="DIR",
+                        help="fine-tune: start a new run from a checkpoint (ours or Hugging Face): its weights, "
+                             "config and tokenizer, a fresh optimizer")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/longcat-lite"),
                         help="where trained tokenizers are cached")
     return parser.parse_args(argv)
@@ -137,11 +145,14 @@ def open_run(args: argparse.Namespace) -> RunSettings:
     (options given again must repeat them), the command line's (preset + defaults + --set) otherwise."""
     directory = pathlib.Path(args.run_dir or f"runs/{args.preset or 'demo'}").resolve()
     resume_step = step_to_resume(directory, args.resume)
+    if resume_step is not None and args.init_from:
+        raise RunError(f"--init-from starts a new run, but {directory} holds one (checkpoint at step {resume_step}); "
+                       "resume it without --init-from, or pass another --run-dir")
     if resume_step is not None:
         config = json.loads((directory / RUN_CONFIG_FILE).read_text())
         check_same_run(config, args)
     else:
-        config = requested_run(args, args.preset or "demo")
+        config = requested_run(args, args.preset or ("init-from" if args.init_from else "demo"))
     return RunSettings(directory, resume_step, config, config_from_dict(config["model"]),
                        TrainConfig(**config["train"]))
 
@@ -163,7 +174,7 @@ def requested_run(args: argparse.Namespace, preset: str) -> dict:
     """The run configuration the command line asks for: preset + defaults + --set overrides."""
     model_defaults = {} if jax.default_backend() == "cpu" else {"compute_dtype": "bfloat16"}
     # bf16 compute with f32 master weights on accelerators; XLA:CPU runs bf16 matmuls slower than f32.
-    base = get_config(preset, **model_defaults)
+    base = load_config(args.init_from) if args.init_from else get_config(preset, **model_defaults)
     model_over, train_over = parse_overrides(args.set, base, TrainConfig())
     try:
         cfg = base.replace(**model_over)
@@ -174,7 +185,8 @@ def requested_run(args: argparse.Namespace, preset: str) -> dict:
         raise ConfigError(str(error)) from error
     return dict(preset=preset, model=config_to_dict(cfg), train=dataclasses.asdict(tcfg),
                 data=[str(pathlib.Path(p).resolve()) for p in args.data] if args.data else "kjv",
-                text_field=args.text_field)
+                text_field=args.text_field,
+                init_from=str(pathlib.Path(args.init_from).resolve()) if args.init_from else None)
 
 
 def check_same_run(run: dict, args: argparse.Namespace) -> None:
@@ -215,7 +227,7 @@ def format_config(run: dict) -> str:
 class TrainingData:
     """The run's corpus through its tokenizer: documents, this process's validation rows, the batch iterator."""
     corpus: Corpus
-    tokenizer: spm.SentencePieceProcessor
+    tokenizer: Tokenizer
     train_docs: list[np.ndarray]  # int32 [BOS] + tokens + [EOS] per document
     val_docs: list[np.ndarray]
     entropy: float  # unigram entropy of train_docs, nats per token: the loss to get below
@@ -247,16 +259,24 @@ def load_data(settings: RunSettings, cache_dir: str, primary: bool) -> TrainingD
                         val_tokens, val_segments, batches)
 
 
-def run_tokenizer(settings: RunSettings, corpus: Corpus, cache_dir: str, primary: bool
-                  ) -> spm.SentencePieceProcessor:
-    """RUN_DIR/tokenizer.model, the run's own copy: a new run copies the cached tokenizer of its corpus
-    there (process 0 trains it; the others receive it), a resumed run reads the copy it made."""
-    path = settings.directory / TOKENIZER_FILE
-    if not settings.resuming:
+def run_tokenizer(settings: RunSettings, corpus: Corpus, cache_dir: str, primary: bool) -> Tokenizer:
+    """The run's own copy of its tokenizer in RUN_DIR: a new run copies the cached tokenizer.model of its
+    corpus there (process 0 trains it; the others receive it), a fine-tuning run the --init-from
+    checkpoint's tokenizer files (every process reads that checkpoint anyway), a resumed run reads
+    the copy it made."""
+    init_from = settings.config.get("init_from")
+    if not settings.resuming and init_from:
+        settings.directory.mkdir(parents=True, exist_ok=True)
+        checkpoint_tokenizer(init_from, settings.cfg)  # refused here, before anything is copied
+        for name, source in tokenizer_files(init_from).items():
+            write_atomically(settings.directory / name, pathlib.Path(source).read_bytes())
+    elif not settings.resuming:
+        path = settings.directory / TOKENIZER_FILE
         settings.directory.mkdir(parents=True, exist_ok=True)
         if primary:
             write_atomically(path, train_tokenizer(corpus.train, settings.cfg, cache_dir).read_bytes())
         sync_tokenizer(path)
+    path = settings.directory
     tokenizer = load_tokenizer(path)
     if tokenizer.get_piece_size() > settings.cfg.vocab_size:
         raise RunError(f"{path} has {tokenizer.get_piece_size()} pieces, more than vocab_size={settings.cfg.vocab_size}")
@@ -345,9 +365,10 @@ class Checkpoints:
         self.export_model(state)
 
     def export_model(self, state: TrainState) -> None:
-        if self.primary:
-            save_model(merge_model(self.graphdef, state), self.run_dir / MODEL_DIR,
-                       extra_files={TOKENIZER_FILE: str(self.run_dir / TOKENIZER_FILE)})
+        """RUN_DIR/model: every process takes part (arrays spanning processes are gathered block by
+        block), process 0 writes."""
+        save_model(merge_model(self.graphdef, state), self.run_dir / MODEL_DIR,
+                   extra_files=tokenizer_files(self.run_dir))
 
     def close(self) -> None:
         """Wait for the saves in flight."""
@@ -618,8 +639,9 @@ def run_steps(session: Session, state: TrainState, planned: int, log: MetricsLog
             session.checkpoints.save(step, state, data.batches)
         if step % tcfg.eval_every == 0 and session.primary:
             write_plots(settings.directory, log.rows, data.entropy, settings.cfg)
-        progress.show(step, float(metrics["loss"]), log.rows[-1].get("tokens_per_s", 0.0) if log.rows else 0.0,
-                      last_val, row is not None)
+        if session.primary:  # one progress line per run, not one per process
+            progress.show(step, float(metrics["loss"]), log.rows[-1].get("tokens_per_s", 0.0) if log.rows else 0.0,
+                          last_val, row is not None)
     progress.done()
     return state
 
@@ -632,8 +654,8 @@ def report(session: Session, state: TrainState, planned: int, log: MetricsLog, p
     val = final["val_loss"] if final and final["step"] == planned else session.steps.validation_loss(state, data)
     if session.primary:
         write_plots(settings.directory, log.rows, data.entropy, cfg)
-        if not (settings.directory / MODEL_DIR).exists():
-            session.checkpoints.export_model(state)
+    if not bool(multihost_utils.broadcast_one_to_all(np.bool_((settings.directory / MODEL_DIR).exists()))):
+        session.checkpoints.export_model(state)  # process 0's view decides: every process must take part
     last = log.last("mfu")
     if last:
         session.say(f"tokens/s {last['tokens_per_s']:,.0f}; MFU {last['mfu']:.2%} (peak {peak.flops / 1e12:g} "
@@ -661,6 +683,13 @@ def sample(session: Session, state: TrainState) -> list[str]:
             for ids, completion in zip(prompt_ids, completions)]
 
 
+def initialized_from(directory: str, state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """`state` with the checkpoint's weights and router bias, loaded straight into the state's
+    shardings (lite.checkpoint.load_model on the mesh); the fresh optimizer state stays."""
+    _, params, other = nnx.split(load_model(directory, mesh=mesh), nnx.Param, ...)
+    return state._replace(params=params, other=other)
+
+
 def train(args: argparse.Namespace) -> None:
     """Settings (new or resumed run), mesh, data, state and compiled steps, the step plan, the steps
     with their metrics and checkpoints, then the final report and samples."""
@@ -683,6 +712,9 @@ def train(args: argparse.Namespace) -> None:
     if settings.resuming:
         state = session.checkpoints.restore(settings.resume_step, state, data.batches)
         say(f"resumed {settings.directory} at step {settings.resume_step}")
+    elif settings.config.get("init_from"):
+        state = initialized_from(settings.config["init_from"], state, mesh)
+        say(f"initialized from {settings.config['init_from']} (fresh optimizer state)")
     planned = plan_steps(session, state)
     if not settings.resuming and primary:
         save_run_config(settings, planned)
@@ -695,7 +727,7 @@ def train(args: argparse.Namespace) -> None:
     session.checkpoints.close()
     log.close()
     report(session, state, planned, log, peak)
-    if tcfg.sample_tokens and primary:
+    if tcfg.sample_tokens:  # every process decodes (the model spans them all), process 0 prints
         for line in sample(session, state):
             say(line)
 
@@ -706,12 +738,18 @@ def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
         # Compiled steps are cached across runs: a resumed run or the next experiment starts in seconds.
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(args.cache_dir) / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    sharding_mesh.initialize_distributed(args.distributed)
     try:
+        sharding_mesh.initialize_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
         train(args)
-    except (ConfigError, DataError, CheckpointError, RunError) as error:
+    except (ConfigError, DataError, CheckpointError, RunError, sharding_mesh.MeshSpecError) as error:
         print(f"error: {error}", file=sys.stderr)
+        sharding_mesh.exit_at_once_if_distributed(2)  # never wait in a shutdown barrier for the others
         return 2
+    except BaseException:
+        if jax.process_count() > 1:
+            traceback.print_exc()
+            sharding_mesh.exit_at_once_if_distributed(1)
+        raise
     return 0
 
 

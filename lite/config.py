@@ -47,6 +47,7 @@ class ModelConfig:
     vocab_size: int = 512  # V0 (HF vocab_size)
     bos_token_id: int = 1
     eos_token_id: int = 2
+    pad_token_id: int | None = None  # carried to and from Hugging Face configs; batches pad with segment 0
     # Trunk.
     hidden_size: int = 64  # D
     num_layers: int = 2  # shortcut layers, each with 2 attention + 2 dense MLP blocks + 1 MoE

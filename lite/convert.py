@@ -3,8 +3,9 @@
     python -m lite.convert --from-hf HF_DIR --out OUR_DIR     # config.json + model.safetensors(.index.json)
     python -m lite.convert --to-hf OUR_DIR --out HF_DIR [--max-shard-size 5GB]
 
-Our format is lite/checkpoint.py's (what train.py and serve.py load with `load_model`): one
-`model.safetensors` whose tensors stack layers and experts on leading axes. Conversion never holds
+Our format is lite/checkpoint.py's (what train.py and serve.py load with `load_model`): a
+`model.safetensors` (several files + index above 5 GB) whose tensors stack layers and experts on leading
+axes; `load_model` also reads a Hugging Face directory directly, without conversion. Conversion never holds
 a whole tensor of either side: the output header is computed from shapes first, then each output
 tensor is written front to back, piece by piece (one HF tensor per layer / expert / N-gram
 sub-table), large pieces in row chunks read through safetensors' memory map. Peak memory is
@@ -15,159 +16,29 @@ the checkpoint size (README, "Hugging Face checkpoints"). Outputs are written at
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import pathlib
 import shutil
-import struct
 import sys
 from typing import Callable
 
-import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy, which safetensors' numpy reader needs
 import numpy as np
 
 from lite import hf as hf_lib
-from lite.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_directory, check_tensor_names, config_to_dict,
-                             load_config, state_shapes)
+from lite.checkpoint import (CHUNK_BYTES, CONFIG_FILE, INDEX_FILE, MAX_FILE_BYTES, CheckpointError, SafetensorsDir,
+                             TensorPlan, atomic_directory, check_layout, check_tensor_names, config_to_dict,
+                             load_config, piece_shape, state_shapes, write_safetensors_files)
 from lite.config import ConfigError, ModelConfig
+from lite.data import HF_TOKENIZER_CONFIG_FILE, DataError, hf_tokenizer_config, load_tokenizer, tokenizer_files
 
-HF_INDEX_FILE = "model.safetensors.index.json"
-CHUNK_BYTES = 64 << 20  # the most a single read / write holds in memory
 # Small non-weight files carried along both ways (tokenizer, generation defaults).
 CARRIED_FILES = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.model", "*.tiktoken",
                  "vocab*", "merges.txt")
 
-_DTYPE_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-                np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8",
-                np.dtype(np.bool_): "BOOL"}
-_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
-
-
 # ---------------------------------------------------------------------------------------------
-# Reading: every tensor of a directory (single file or shards), memory-mapped.
-
-class SafetensorsDir:
-    """The tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`.
-
-    Files are opened with `safetensors.safe_open` (memory-mapped) on first use and closed again
-    after every CHUNK_BYTES read, so that the mapped pages read so far stop counting against this
-    process: resident memory stays bounded by a few chunks whatever the checkpoint size.
-    """
-
-    def __init__(self, directory: pathlib.Path):
-        from safetensors import safe_open
-
-        self._safe_open = safe_open
-        index = directory / HF_INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (directory / WEIGHTS_FILE).is_file():
-            files = [WEIGHTS_FILE]
-        else:
-            raise CheckpointError(f"no safetensors weights in {directory}: expected {WEIGHTS_FILE} or {HF_INDEX_FILE}")
-        self.files = [directory / name for name in files]
-        self.meta: dict[str, tuple[pathlib.Path, np.dtype, tuple[int, ...]]] = {}
-        for path in self.files:
-            if not path.is_file():
-                raise CheckpointError(f"{path.name} is listed in {HF_INDEX_FILE} but missing from {directory}")
-            for name, entry in _read_header(path).items():
-                if name in self.meta:
-                    raise CheckpointError(f"tensor {name} appears in both {self.meta[name][0].name} and {path.name}")
-                if entry["dtype"] not in _DTYPES:
-                    raise CheckpointError(f"tensor {name} in {path.name} has dtype {entry['dtype']}, which is not supported")
-                self.meta[name] = (path, _DTYPES[entry["dtype"]], tuple(entry["shape"]))
-        self._open = contextlib.ExitStack()
-        self._handles: dict[pathlib.Path, object] = {}
-        self._mapped_bytes = 0
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.meta[name][2]
-
-    def dtype(self, name: str) -> np.dtype:
-        return self.meta[name][1]
-
-    def read(self, name: str, index: tuple = ()) -> np.ndarray:
-        """tensor[index], reading only that part of the file."""
-        if self._mapped_bytes > CHUNK_BYTES:  # pages read through a map count as ours until unmapped
-            self.release()
-        path = self.meta[name][0]
-        if path not in self._handles:
-            self._handles[path] = self._open.enter_context(self._safe_open(str(path), framework="numpy"))
-        tensor = self._handles[path].get_slice(name)
-        if not index:  # safetensors slices need at least one index; a 0-d tensor is read whole
-            array = np.asarray(tensor[:] if len(self.shape(name)) else self._handles[path].get_tensor(name))
-        else:
-            array = np.asarray(tensor[index])
-        self._mapped_bytes += array.nbytes
-        return array
-
-    def release(self) -> None:
-        """Unmap every file (they reopen on the next read)."""
-        self._open.close()
-        self._handles.clear()
-        self._mapped_bytes = 0
-
-
-def _read_header(path: pathlib.Path) -> dict:
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path} is not a safetensors file (shorter than its header)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > os.path.getsize(path):
-            raise CheckpointError(f"{path} is corrupt: header length {length} exceeds the file size")
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path} is corrupt: unreadable header ({error})") from error
-    header.pop("__metadata__", None)
-    return header
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing: header from shapes first, then every tensor streamed front to back.
-
-class TensorPlan:
-    """One output tensor: its name, dtype, shape and a function that writes its bytes in order."""
-
-    def __init__(self, name: str, dtype: np.dtype, shape: tuple[int, ...], write: Callable[[Callable], None]):
-        self.name, self.dtype, self.shape, self.write = name, np.dtype(dtype), tuple(shape), write
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def write_safetensors(path: pathlib.Path, plans: list[TensorPlan], metadata: dict[str, str] | None = None,
-                      progress: Callable[[int], None] = lambda nbytes: None) -> None:
-    """Write a safetensors file tensor by tensor; each plan's bytes go straight to the file."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for plan in plans:
-        header[plan.name] = {"dtype": _DTYPE_NAMES[plan.dtype], "shape": list(plan.shape),
-                             "data_offsets": [offset, offset + plan.nbytes]}
-        offset += plan.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for plan in plans:
-            start = f.tell()
-
-            def emit(array: np.ndarray, plan=plan) -> None:
-                data = np.ascontiguousarray(array, dtype=plan.dtype)
-                f.write(data.reshape(-1).view(np.uint8).data)  # a buffer, not .tobytes(): no second copy
-                progress(data.nbytes)
-
-            plan.write(emit)
-            if f.tell() - start != plan.nbytes:
-                raise AssertionError(f"{plan.name}: wrote {f.tell() - start} bytes, the header says {plan.nbytes}")
-
+# Streaming one tensor's pieces.
 
 def _copy_rows(read: Callable[[slice], np.ndarray], rows: int, row_bytes: int, transform, emit) -> None:
     """Emit transform(read(r0:r1)) for consecutive row ranges of at most CHUNK_BYTES."""
@@ -201,31 +72,8 @@ def _emit_piece(source: SafetensorsDir, name: str, index: tuple, transpose: bool
                    lambda a: a.T, emit)
 
 
-def _piece_shape(full: tuple[int, ...], index: tuple, transpose: bool) -> tuple[int, ...]:
-    """The HF shape of the piece ours[index] (transposed when asked), from our tensor's shape."""
-    integers = sum(1 for i in index if not isinstance(i, slice))
-    shape = list(full[integers:])
-    if index and isinstance(index[-1], slice):
-        start, stop, _ = index[-1].indices(shape[0])
-        shape[0] = stop - start
-    return tuple(reversed(shape)) if transpose else tuple(shape)
-
-
 # ---------------------------------------------------------------------------------------------
 # Hugging Face -> ours.
-
-def _check_hf_keys(source: SafetensorsDir, cfg: ModelConfig, layout: dict[str, list[hf_lib.Piece]],
-                   shapes: dict) -> None:
-    """Every key of the layout present with the right shape, nothing else (ignored keys aside)."""
-    expected = {piece.hf_key: (name, piece) for name, pieces in layout.items() for piece in pieces}
-    present = {key for key in source.meta if not hf_lib.is_ignored_hf_key(key, cfg)}
-    check_tensor_names(expected, present, "Hugging Face checkpoint does not match its config.json")
-    for key, (name, piece) in expected.items():
-        want = _piece_shape(shapes[name].shape, piece.index, piece.transpose)
-        if source.shape(key) != want:
-            raise CheckpointError(f"tensor {key}: checkpoint has shape {source.shape(key)}, "
-                                  f"the model expects {want}")
-
 
 def _check_layout(layout: dict, shapes: dict) -> None:
     if set(layout) != set(shapes):  # a model change without a matching key mapping
@@ -236,8 +84,18 @@ def _check_layout(layout: dict, shapes: dict) -> None:
 def _carry_files(source: pathlib.Path, target: pathlib.Path) -> None:
     for pattern in CARRIED_FILES:
         for path in source.glob(pattern):
-            if path.is_file() and path.name not in (CONFIG_FILE, HF_INDEX_FILE) and path.suffix != ".safetensors":
+            if path.is_file() and path.name not in (CONFIG_FILE, INDEX_FILE) and path.suffix != ".safetensors":
                 shutil.copyfile(path, target / path.name)
+
+
+def _write_generation_files(cfg: ModelConfig, directory: pathlib.Path) -> None:
+    """generation_config.json and tokenizer_config.json, where the source brought none (train.py's
+    checkpoints carry only tokenizer.model): transformers reads the special tokens from them."""
+    if not (directory / "generation_config.json").exists():
+        (directory / "generation_config.json").write_text(json.dumps(hf_lib.generation_config(cfg), indent=2))
+    if tokenizer_files(directory) and not (directory / HF_TOKENIZER_CONFIG_FILE).exists():
+        config = hf_tokenizer_config(load_tokenizer(directory), cfg)
+        (directory / HF_TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
 def _progress_printer(total: int, label: str, quiet: bool) -> Callable[[int], None]:
@@ -268,7 +126,7 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quiet: boo
     layout = hf_lib.tensor_layout(cfg)
     _check_layout(layout, shapes)
     source = SafetensorsDir(hf_dir)
-    _check_hf_keys(source, cfg, layout, shapes)
+    check_layout(source, layout, shapes, lambda key: hf_lib.is_ignored_hf_key(key, cfg), "Hugging Face checkpoint")
 
     plans = []
     for name in sorted(layout):
@@ -287,8 +145,8 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quiet: boo
     total = sum(p.nbytes for p in plans)
     with atomic_directory(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=2))
-        write_safetensors(tmp / WEIGHTS_FILE, plans, {"format": "np"},
-                          _progress_printer(total, f"{hf_dir} -> {out_dir}", quiet))
+        write_safetensors_files(tmp, plans, MAX_FILE_BYTES, {"format": "np"},
+                                _progress_printer(total, f"{hf_dir} -> {out_dir}", quiet))
         _carry_files(hf_dir, tmp)
     source.release()
     return cfg
@@ -314,7 +172,7 @@ def _layer_order(key: str) -> tuple:
     return (layer, [(0, int(p)) if p.isdigit() else (1, p) for p in parts])
 
 
-def to_hf(our_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 10**9,
+def to_hf(our_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_bytes: int = MAX_FILE_BYTES,
           quiet: bool = True) -> dict:
     """Convert our checkpoint at `our_dir` into a Hugging Face directory; returns the HF config dict.
 
@@ -338,7 +196,7 @@ def to_hf(our_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_b
     plans = []
     for name, pieces in layout.items():
         for piece in pieces:
-            shape = _piece_shape(shapes[name].shape, piece.index, piece.transpose)
+            shape = piece_shape(shapes[name].shape, piece.index, piece.transpose)
             plans.append(TensorPlan(piece.hf_key, source.dtype(name), shape,
                                     lambda emit, name=name, piece=piece:
                                     _emit_piece(source, name, piece.index, piece.transpose, emit)))
@@ -346,26 +204,12 @@ def to_hf(our_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_b
     for key, shape in hf_lib.zero_expert_stubs(cfg):
         plans.append(TensorPlan(key, stub_dtype, shape, lambda emit, shape=shape: emit(np.zeros(shape, stub_dtype))))
     plans.sort(key=lambda p: _layer_order(p.name))
-    shards: list[list[TensorPlan]] = [[]]
-    for plan in plans:
-        if shards[-1] and sum(p.nbytes for p in shards[-1]) + plan.nbytes > max_shard_bytes:
-            shards.append([])
-        shards[-1].append(plan)
-    total = sum(p.nbytes for p in plans)
-    report = _progress_printer(total, f"{our_dir} -> {out_dir}", quiet)
+    report = _progress_printer(sum(p.nbytes for p in plans), f"{our_dir} -> {out_dir}", quiet)
     with atomic_directory(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
-        if len(shards) == 1:
-            write_safetensors(tmp / WEIGHTS_FILE, shards[0], {"format": "pt"}, report)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(tmp / file_name, shard, {"format": "pt"}, report)
-                weight_map.update({plan.name: file_name for plan in shard})
-            (tmp / HF_INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        write_safetensors_files(tmp, plans, max_shard_bytes, {"format": "pt"}, report)
         _carry_files(our_dir, tmp)
+        _write_generation_files(cfg, tmp)
     source.release()
     return hf_config
 
@@ -388,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             to_hf(args.to_hf, args.out, max_shard_bytes=parse_size(args.max_shard_size), quiet=args.quiet)
             print(f"wrote {args.out}")
-    except (CheckpointError, ConfigError) as error:
+    except (CheckpointError, ConfigError, DataError) as error:
         sys.exit(f"error: {error}")
 
 

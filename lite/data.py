@@ -1,8 +1,8 @@
-"""Training data: corpora, the SentencePiece tokenizer, and the grain pipeline that packs documents.
+"""Training data: corpora, tokenizers, and the grain pipeline that packs documents.
 
     corpus    = kjv_corpus() or load_corpus(paths)             documents as text, validation held out whole
     file      = train_tokenizer(corpus.train, cfg, cache_dir)  BPE model file, trained at first use and cached
-    tokenizer = load_tokenizer(file)                           a SentencePieceProcessor
+    tokenizer = load_tokenizer(file)                           a SentencePieceProcessor (or HFTokenizer)
     docs      = encode_documents(tokenizer, corpus.train, cfg)  [BOS] text [EOS] per document
     batches   = training_batches(docs, seq_len, batch, seed, process_index, process_count)
 
@@ -11,6 +11,10 @@ A training row is `seq_len` tokens of concatenated documents with `segment_ids` 
 document longer than the row continues in the next row as a new segment. The pipeline's iterator
 state (`get_state` / `set_state`) reproduces the batch sequence exactly and goes into every
 checkpoint.
+
+A checkpoint's tokenizer is SentencePiece `tokenizer.model` (what train.py trains) or a Hugging Face
+`tokenizer.json` (the `tokenizers` package) whose BOS / EOS tokens `tokenizer_config.json` names;
+`checkpoint_tokenizer(directory, cfg)` opens either and checks it against the model config.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import grain
 import grain.experimental
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 
 from lite.config import ModelConfig
 
@@ -165,12 +170,128 @@ def train_tokenizer(texts: Sequence[str], cfg: ModelConfig, cache_dir: str | os.
     return model_file
 
 
-def load_tokenizer(model_file: str | os.PathLike) -> spm.SentencePieceProcessor:
-    """A SentencePiece model file (train_tokenizer's, or a run's copy) ready to encode and decode."""
-    return spm.SentencePieceProcessor(model_file=str(model_file))
+SENTENCEPIECE_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# The files that make up a checkpoint's tokenizer (copied along with the weights).
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG_FILE, "special_tokens_map.json")
 
 
-def encode_documents(tokenizer: spm.SentencePieceProcessor, texts: Sequence[str],
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` behind the SentencePieceProcessor methods the project calls
+    (encode, decode, get_piece_size, bos_id, eos_id), so train.py and serve.py take either.
+
+    Text is encoded without the tokenizer's own special tokens (add_special_tokens=False): callers
+    add [BOS] (and [EOS] for training documents) by id, as for SentencePiece. BOS / EOS are the
+    tokens `tokenizer_config.json` names (bos_token / eos_token: a string or {"content": ...});
+    without that file they are unknown (-1, as SentencePiece reports a missing special piece).
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, special: dict[str, str]):
+        self._tokenizer = tokenizer
+        self._bos = self._id(special.get("bos_token"))
+        self._eos = self._id(special.get("eos_token"))
+
+    @classmethod
+    def from_files(cls, tokenizer_json: pathlib.Path) -> "HFTokenizer":
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        except Exception as error:  # noqa: BLE001 - the Rust side raises a bare Exception
+            raise DataError(f"{tokenizer_json} is not a tokenizers tokenizer.json: {error}") from error
+        config_path = tokenizer_json.with_name(HF_TOKENIZER_CONFIG_FILE)
+        special = {}
+        if config_path.is_file():
+            try:
+                special = json.loads(config_path.read_text())
+            except json.JSONDecodeError as error:
+                raise DataError(f"{config_path} is not valid JSON: {error}") from error
+        tokens = {key: value.get("content") if isinstance(value, dict) else value
+                  for key, value in special.items() if key in ("bos_token", "eos_token")}
+        return cls(tokenizer, tokens)
+
+    def _id(self, token: str | None) -> int:
+        found = None if token is None else self._tokenizer.token_to_id(token)
+        return -1 if found is None else found
+
+    def get_piece_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def bos_id(self) -> int:
+        return self._bos
+
+    def eos_id(self) -> int:
+        return self._eos
+
+    def encode(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:
+        if isinstance(text, str):
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
+        return [e.ids for e in self._tokenizer.encode_batch(list(text), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def id_to_piece(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
+
+
+Tokenizer = spm.SentencePieceProcessor | HFTokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer ready to encode and decode: a SentencePiece model file (train_tokenizer's, or a
+    run's copy), a `tokenizer.json`, or a directory holding either (tokenizer.model preferred)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        found = [path / name for name in (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE) if (path / name).is_file()]
+        if not found:
+            raise DataError(f"no tokenizer in {path}: {SENTENCEPIECE_FILE} is missing (and so is {HF_TOKENIZER_FILE})")
+        path = found[0]
+    if path.suffix == ".json":
+        return HFTokenizer.from_files(path)
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        raise DataError(f"{path} is not a SentencePiece model: {error}") from error
+
+
+def tokenizer_files(directory: str | os.PathLike) -> dict[str, str]:
+    """{file name: path} of the tokenizer files a checkpoint directory holds (to copy them along)."""
+    directory = pathlib.Path(directory)
+    return {name: str(directory / name) for name in TOKENIZER_FILES if (directory / name).is_file()}
+
+
+def hf_tokenizer_config(tokenizer: Tokenizer, cfg: ModelConfig) -> dict:
+    """tokenizer_config.json for a checkpoint whose tokenizer came without one: the special tokens by
+    content, BOS added and EOS not (as train.py encodes documents and serve.py prompts)."""
+    def piece(token_id):
+        return None if token_id is None or token_id >= tokenizer.get_piece_size() else tokenizer.id_to_piece(token_id)
+
+    config = {"bos_token": piece(cfg.bos_token_id), "eos_token": piece(cfg.eos_token_id),
+              "pad_token": piece(cfg.pad_token_id), "add_bos_token": True, "add_eos_token": False,
+              "model_max_length": cfg.max_position_embeddings}
+    if isinstance(tokenizer, spm.SentencePieceProcessor):  # transformers reads tokenizer.model through this class
+        config.update(tokenizer_class="LlamaTokenizer", legacy=True)
+    else:
+        config.update(tokenizer_class="PreTrainedTokenizerFast")
+    return config
+
+
+def checkpoint_tokenizer(directory: str | os.PathLike, cfg: ModelConfig) -> Tokenizer:
+    """The tokenizer of a checkpoint directory, checked against its model config: no more pieces
+    than vocab_size (fewer is what train.py writes when the corpus runs out of merges, and what
+    released checkpoints do when they pad the embedding), the config's BOS and EOS ids where the
+    tokenizer knows them."""
+    tokenizer = load_tokenizer(directory)
+    wrong = [f"{name} {value} (the model has {getattr(cfg, name)})" for name, value, bad in (
+        ("vocab_size", tokenizer.get_piece_size(), tokenizer.get_piece_size() > cfg.vocab_size),
+        ("bos_token_id", tokenizer.bos_id(), tokenizer.bos_id() not in (-1, cfg.bos_token_id)),
+        ("eos_token_id", tokenizer.eos_id(), tokenizer.eos_id() not in (-1, cfg.eos_token_id))) if bad]
+    if wrong:
+        raise DataError(f"the tokenizer in {directory} does not match the checkpoint: it has {', '.join(wrong)}")
+    return tokenizer
+
+
+def encode_documents(tokenizer: Tokenizer, texts: Sequence[str],
                      cfg: ModelConfig) -> list[np.ndarray]:
     """int32 [BOS] + tokens + [EOS] per document."""
     return [np.asarray([cfg.bos_token_id, *ids, cfg.eos_token_id], np.int32) for ids in tokenizer.encode(list(texts))]

@@ -24,10 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lite.config import ModelConfig
 from lite.model import DecodeCache, LongcatModel, PackedPrompts, pack_prompts
 from sharding.rules import state_shardings
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A device array's value on this host, gathered from every process when it spans several."""
+    return np.asarray(x) if x.is_fully_addressable else np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class DecodeError(ValueError):
@@ -247,8 +254,8 @@ class Generator:
         cache_len = bucket(int((lengths + limits).max()), 16)
         filler = [[cfg.bos_token_id]] * (batch - n)  # one token, no room to generate
         packed = pack_prompts([*prompts, *filler], prompt_len, math.lcm(8, devices))
-        limits = jnp.asarray(np.concatenate([limits, np.zeros(batch - n, limits.dtype)]).astype(np.int32))
-        args = (PackedPrompts(*map(jnp.asarray, packed)), limits, jax.random.key(seed))
+        limits = np.concatenate([limits, np.zeros(batch - n, limits.dtype)]).astype(np.int32)
+        args = (PackedPrompts(*map(self._put, packed)), self._put(limits), self._put_key(seed))
 
         start = self._compiled("start", self._start, *args, stats=stats, cache_len=cache_len, max_new=max_new,
                                sampling=sampling)
@@ -263,18 +270,18 @@ class Generator:
             if stop_strings:
                 self._find_stop_strings(gen, n, stop_strings, detokenize, stopped_at)
                 if stopped_at:
-                    done = np.asarray(gen.done).copy()
+                    done = _host(gen.done).copy()
                     done[list(stopped_at)] = True
-                    gen = gen._replace(done=jnp.asarray(done))
-            if bool(jnp.all(gen.done)):
+                    gen = gen._replace(done=self._put(done))
+            if bool(_host(gen.done).all()):
                 break
-            until = jnp.asarray(min(int(gen.step) + step_size, max_new), jnp.int32)
+            until = self._put(np.int32(min(int(_host(gen.step)) + step_size, max_new)))
             run = self._compiled("continue", self._continue, gen, limits, until, stats=stats, sampling=sampling)
             began = time.perf_counter()
             gen = jax.block_until_ready(run(self.state, gen, limits, until))
             stats.decode_seconds += time.perf_counter() - began
 
-        tokens, num_tokens, reasons = (np.asarray(x) for x in (gen.tokens, gen.num_tokens, gen.reason))
+        tokens, num_tokens, reasons = (_host(x) for x in (gen.tokens, gen.num_tokens, gen.reason))
         completions = []
         for i in range(n):
             ids = [int(t) for t in tokens[i] if t >= 0]
@@ -291,9 +298,24 @@ class Generator:
         stats.decode_tokens = int(np.maximum(sampled - 1, 0).sum())  # the first token of a row comes from prefill
         return completions, stats
 
+    def _put(self, value) -> jax.Array:
+        """A host value as the compiled programs take it: on several processes an array every process
+        holds whole (each passes the same value), so that it can meet the state spanning them all."""
+        if self.mesh is None or jax.process_count() == 1:
+            return jnp.asarray(value)
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, NamedSharding(self.mesh, PartitionSpec()),
+                                            lambda index: value[index])
+
+    def _put_key(self, seed: int) -> jax.Array:
+        key = jax.random.key(seed)
+        if self.mesh is None or jax.process_count() == 1:
+            return key
+        return jax.random.wrap_key_data(self._put(jax.random.key_data(key)))
+
     @staticmethod
     def _find_stop_strings(gen: Generation, n: int, stop_strings: Sequence[str], detokenize, stopped_at: dict) -> None:
-        tokens = np.asarray(gen.tokens)
+        tokens = _host(gen.tokens)
         for i in range(n):
             if i in stopped_at:
                 continue

@@ -71,10 +71,37 @@ def _rope_from_hf(hf: dict, max_positions: int) -> tuple[float, YarnScaling | No
 
 
 def _dtype_from_hf(hf: dict) -> str:
-    dtype = str(_get(hf, "dtype", "torch_dtype", default="bfloat16")).removeprefix("torch.")
+    # transformers loads a config without a dtype field in float32 (PretrainedConfig's default).
+    dtype = str(_get(hf, "dtype", "torch_dtype", default="float32")).removeprefix("torch.")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"Hugging Face dtype {dtype!r} is not supported (float32, bfloat16, float16)")
     return dtype
+
+
+def hf_model_type(hf: dict) -> str:
+    """model_type, or where a config lacks it (copies of the released configs do, and transformers
+    accepts them through `architectures` / auto_map), inferred from `architectures`, then from the
+    N-gram fields."""
+    model_type = hf.get("model_type")
+    if model_type is None:
+        by_architecture = {arch: kind for kind, arch in ARCHITECTURES.items()}
+        found = {by_architecture[a] for a in hf.get("architectures") or () if a in by_architecture}
+        if len(found) == 1:
+            model_type = found.pop()
+        elif "emb_neighbor_num" in hf:
+            model_type = MODEL_TYPE_NGRAM
+        elif "zero_expert_num" in hf or "n_routed_experts" in hf:
+            model_type = MODEL_TYPE_PLAIN
+    if model_type not in (MODEL_TYPE_PLAIN, MODEL_TYPE_NGRAM):
+        raise ConfigError(f"model_type {model_type!r} is not supported; expected {MODEL_TYPE_PLAIN!r} "
+                          f"or {MODEL_TYPE_NGRAM!r} (or a config whose architectures name "
+                          f"{' / '.join(ARCHITECTURES.values())})")
+    return model_type
+
+
+def looks_like_hf_config(config: dict) -> bool:
+    """A Hugging Face config.json (rather than ours, lite.checkpoint's field names)."""
+    return any(key in config for key in ("model_type", "architectures", "num_attention_heads", "num_hidden_layers"))
 
 
 def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
@@ -82,10 +109,7 @@ def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
 
     `overrides` set fields the HF config does not carry (e.g. `compute_dtype`, `name`).
     """
-    model_type = hf.get("model_type")
-    if model_type not in (MODEL_TYPE_PLAIN, MODEL_TYPE_NGRAM):
-        raise ConfigError(f"model_type {model_type!r} is not supported; expected {MODEL_TYPE_PLAIN!r} "
-                          f"or {MODEL_TYPE_NGRAM!r}")
+    model_type = hf_model_type(hf)
     for flag, expected in (("attention_bias", False), ("router_bias", False), ("tie_word_embeddings", False),
                            ("mla_scale_q_lora", True), ("mla_scale_kv_lora", True), ("hidden_act", "silu")):
         if flag in hf and hf[flag] != expected:
@@ -110,6 +134,7 @@ def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
         vocab_size=int(_get(hf, "vocab_size")),
         bos_token_id=int(_get(hf, "bos_token_id", default=1)),
         eos_token_id=int(eos[0] if isinstance(eos, (list, tuple)) else eos),
+        pad_token_id=None if hf.get("pad_token_id") is None else int(hf["pad_token_id"]),
         hidden_size=int(_get(hf, "hidden_size")),
         num_layers=num_layers,
         rms_norm_eps=float(_get(hf, "rms_norm_eps", default=1e-5)),
@@ -158,6 +183,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "vocab_size": cfg.vocab_size,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
         "hidden_size": cfg.hidden_size,
         "num_layers": cfg.num_layers,
         "num_hidden_layers": 2 * cfg.num_layers,
@@ -199,6 +225,14 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         hf.update(emb_neighbor_num=cfg.ngram_n, emb_split_num=cfg.ngram_k, ngram_vocab_size_ratio=cfg.ngram_vocab_ratio)
     hf[EXTRA_KEY] = {k: getattr(cfg, k) for k in _EXTRA_FIELDS}
     return hf
+
+
+def generation_config(cfg: ModelConfig) -> dict:
+    """generation_config.json: the special ids `generate()` reads (greedy by default, as serve.py)."""
+    config = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+    if cfg.pad_token_id is not None:
+        config["pad_token_id"] = cfg.pad_token_id
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,11 +297,9 @@ def zero_expert_stubs(cfg: ModelConfig) -> list[tuple[str, tuple[int, int]]]:
     """(key, shape) of the gate/up projections `transformers` holds for the zero experts.
 
     `LongcatFlashForCausalLM` packs gate/up of all E + Z experts into one parameter and refuses a
-    checkpoint without the zero experts' rows, although they are never used; an export of the plain
-    model therefore writes them, zero-filled. The N-gram model has no `transformers` class: none.
+    checkpoint without the zero experts' rows, although they are never used; an export therefore
+    writes them, zero-filled. The N-gram model's remote code builds on that trunk, so it needs them too.
     """
-    if cfg.has_ngram:
-        return []
     shape = (cfg.expert_ffn_hidden_size, cfg.hidden_size)
     return [(f"model.layers.{l}.mlp.experts.{e}.{proj}.weight", shape) for l in range(cfg.num_layers)
             for e in range(cfg.n_routed_experts, cfg.num_experts) for proj in ("gate_proj", "up_proj")]

@@ -22,9 +22,8 @@ import ml_dtypes
 import numpy as np
 
 from lite import hf as hf_lib
-from lite.checkpoint import state_shapes
 from lite.config import ModelConfig
-from lite.convert import HF_INDEX_FILE, TensorPlan, _piece_shape, write_safetensors
+from lite.checkpoint import INDEX_FILE, TensorPlan, piece_shape, state_shapes, write_safetensors
 
 
 def bench_config(layers: int) -> ModelConfig:
@@ -44,7 +43,7 @@ def write_random_hf_checkpoint(cfg: ModelConfig, directory: pathlib.Path, shards
     for name, pieces in hf_lib.tensor_layout(cfg).items():
         dtype = np.float32 if shapes[name].dtype == np.float32 else ml_dtypes.bfloat16
         for piece in pieces:
-            shape = _piece_shape(shapes[name].shape, piece.index, piece.transpose)
+            shape = piece_shape(shapes[name].shape, piece.index, piece.transpose)
 
             def write(emit, shape=shape, dtype=dtype):
                 rows = max(1, (32 << 20) // (4 * int(np.prod(shape[1:], dtype=np.int64))))
@@ -64,7 +63,7 @@ def write_random_hf_checkpoint(cfg: ModelConfig, directory: pathlib.Path, shards
         file_name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         write_safetensors(directory / file_name, shard, {"format": "pt"})
         weight_map.update({p.name: file_name for p in shard})
-    (directory / HF_INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (directory / "config.json").write_text(json.dumps(hf_lib.config_to_hf(cfg), indent=2))
     return total
 

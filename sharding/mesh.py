@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Sequence
 
 import jax
@@ -88,11 +89,38 @@ def active_mesh():
     return mesh
 
 
-def initialize_distributed(force: bool = False) -> None:
-    """`jax.distributed.initialize()` on multi-host launches (the cluster is read from the
-    environment: TPU VMs, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS); nothing on one host."""
+def initialize_distributed(force: bool = False, coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """`jax.distributed.initialize` for multi-process runs; nothing on one process.
+
+    By hand: `coordinator` HOST:PORT (process 0 listens there), `num_processes` and this process's
+    `process_id`, all three or none. Otherwise the cluster is read from the environment (TPU VMs,
+    SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS), or `force` asks JAX to detect it. Collectives
+    between the CPU devices of several processes go through gloo, so a multi-process run also
+    works on one machine's CPUs (the tests do that).
+    """
+    given = [coordinator is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise MeshSpecError("--coordinator HOST:PORT, --num-processes N and --process-id I go together")
+    if all(given):
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise MeshSpecError(f"--coordinator {coordinator!r} is not HOST:PORT")
+        if not (num_processes >= 1 and 0 <= process_id < num_processes):
+            raise MeshSpecError(f"--process-id {process_id} must lie in [0, --num-processes {num_processes})")
     env = os.environ
-    multi_host = (force or "JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+    multi_host = (force or all(given) or "JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
                   or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
     if multi_host:
-        jax.distributed.initialize()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def exit_at_once_if_distributed(code: int) -> None:
+    """After a failure on a multi-process run, leave now with `code`, skipping JAX's shutdown barrier:
+    waiting there for processes that wait for this one in a collective is a hang. The others see
+    the connection close (gloo) or the missing heartbeats and end with an error themselves."""
+    if jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -13,7 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from lite import convert
-from lite.checkpoint import CheckpointError, load_model
+from lite.checkpoint import CheckpointError, TensorPlan, load_model, write_safetensors
 from lite.config import ConfigError, ModelConfig, YarnScaling, get_config
 from lite import hf as hf_lib
 from lite.hf import is_ignored_hf_key
@@ -69,8 +69,9 @@ def test_hf_ours_hf_round_trip_is_byte_identical(case, tmp_path):
     kept = {k for k in original if not is_ignored_hf_key(k, cfg)}
     assert kept < set(original)  # the fixtures carry zero-expert projections (and ngram an mtp tensor)
     stubs = set(back) - kept
-    # The plain model's export also carries zero-filled zero-expert gate/up (transformers needs them).
-    assert stubs == ({k for k in original if ".mlp.experts." in k and k not in kept} if not cfg.has_ngram else set())
+    # Both exports carry zero-filled zero-expert gate/up: the transformers trunk (which the N-gram
+    # model's remote code builds on) refuses a checkpoint without them.
+    assert stubs == {k for k in original if ".mlp.experts." in k and k not in kept} and stubs
     for key in stubs:
         assert not back[key].any()
     for key in kept:
@@ -78,6 +79,7 @@ def test_hf_ours_hf_round_trip_is_byte_identical(case, tmp_path):
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == (
         "longcat_flash_ngram" if case == "ngram" else "longcat_flash")
     assert (tmp_path / "back" / "generation_config.json").exists()  # small side files travel along
+    assert cfg.pad_token_id == 0 and json.loads((tmp_path / "back" / "config.json").read_text())["pad_token_id"] == 0
 
 
 def test_ours_hf_ours_round_trip_is_exact_with_sharded_export(tmp_path):
@@ -197,6 +199,42 @@ def test_released_lite_config_shape():
     assert cfg.ngram_table_sizes[0] == 78 * 131072 + 1
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_released_config_without_model_type_or_dtype(case):
+    """Copies of the released configs lack model_type (transformers goes by architectures) and may
+    lack a dtype field: the kind comes from architectures or the N-gram fields, the dtype is float32."""
+    hf = json.loads((FIXTURES / case / "config.json").read_text())
+    want = hf_lib.config_from_hf(hf)
+    no_type = {k: v for k, v in hf.items() if k != "model_type"}
+    assert hf_lib.config_from_hf(no_type) == want
+    bare = {k: v for k, v in no_type.items() if k != "architectures"}  # only the fields themselves left
+    assert hf_lib.config_from_hf(bare) == want
+    assert want.has_ngram == (case == "ngram")
+    no_dtype = {k: v for k, v in hf.items() if k not in ("dtype", "torch_dtype")}
+    assert hf_lib.config_from_hf(no_dtype).param_dtype == "float32"
+    assert hf_lib.config_from_hf({**no_dtype, "torch_dtype": "bfloat16"}).param_dtype == "bfloat16"
+
+
+def test_export_writes_generation_and_tokenizer_configs(tmp_path):
+    """An export of a checkpoint that holds only tokenizer.model (train.py's) gets the
+    generation_config.json and tokenizer_config.json transformers reads its special tokens from."""
+    import sentencepiece as spm
+
+    texts = [f"word{i} and more text number {i % 7}" for i in range(300)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "tok"), vocab_size=60,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    convert.from_hf(FIXTURES / "plain", tmp_path / "ours")
+    for name in ("generation_config.json",):
+        (tmp_path / "ours" / name).unlink(missing_ok=True)
+    shutil.copyfile(tmp_path / "tok.model", tmp_path / "ours" / "tokenizer.model")
+    convert.to_hf(tmp_path / "ours", tmp_path / "hf")
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
+    tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (tokenizer_config["bos_token"], tokenizer_config["eos_token"]) == ("<s>", "</s>")
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (tmp_path / "tok.model").read_bytes()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "llama"}, "model_type 'llama' is not supported"),
     ({"attention_bias": True}, "attention_bias=True is not supported"),
@@ -269,11 +307,11 @@ def test_streamed_writer_matches_safetensors_reader(tmp_path):
 
     arrays = {"a": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "b": np.arange(5).astype(ml_dtypes.bfloat16),
               "c": np.ones((3,), np.int64)}
-    plans = [convert.TensorPlan(k, v.dtype, v.shape, lambda emit, v=v: [emit(row) for row in v]) for k, v in arrays.items()]
-    convert.write_safetensors(tmp_path / "x.safetensors", plans, {"format": "pt"})
+    plans = [TensorPlan(k, v.dtype, v.shape, lambda emit, v=v: [emit(row) for row in v]) for k, v in arrays.items()]
+    write_safetensors(tmp_path / "x.safetensors", plans, {"format": "pt"})
     got = load_file(str(tmp_path / "x.safetensors"))
     for k, v in arrays.items():
         assert got[k].dtype == v.dtype and got[k].tobytes() == v.tobytes()
-    bad = [convert.TensorPlan("a", np.float32, (4,), lambda emit: emit(np.zeros(3, np.float32)))]
+    bad = [TensorPlan("a", np.float32, (4,), lambda emit: emit(np.zeros(3, np.float32)))]
     with pytest.raises(AssertionError, match="wrote 12 bytes, the header says 16"):
-        convert.write_safetensors(tmp_path / "y.safetensors", bad)
+        write_safetensors(tmp_path / "y.safetensors", bad)

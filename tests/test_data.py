@@ -189,3 +189,36 @@ def test_tokenizer_trained_once_cached_and_round_trips(tmp_path):
     docs = encode_documents(sp, texts[:2], cfg)
     assert docs[0][0] == cfg.bos_token_id and docs[0][-1] == cfg.eos_token_id
     assert list(docs[1][1:-1]) == sp.encode(texts[1])
+
+
+def test_hf_tokenizer_json_round_trips_and_names_bos_eos(tmp_path):
+    """A tokenizer.json directory loads like tokenizer.model: text without the tokenizer's own
+    special tokens (BOS is added by id, once), BOS / EOS from tokenizer_config.json."""
+    from hf_tokenizer import write_hf_tokenizer
+
+    from lite.data import HFTokenizer, checkpoint_tokenizer
+
+    cfg = get_config("tiny")
+    texts = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(200)]
+    write_hf_tokenizer(tmp_path, texts, 300)
+    tokenizer = checkpoint_tokenizer(tmp_path, cfg)
+    assert isinstance(tokenizer, HFTokenizer)
+    vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]  # the file itself
+    assert (tokenizer.bos_id(), tokenizer.eos_id()) == (vocab["<s>"], vocab["</s>"]) == (1, 2)
+    assert tokenizer.get_piece_size() == len(vocab) <= cfg.vocab_size
+    ids = tokenizer.encode(texts[5])
+    assert 1 not in ids and all(0 <= i < len(vocab) for i in ids)
+    assert tokenizer.decode(ids) == texts[5] and tokenizer.decode([1, *ids, 2]) == texts[5]
+    assert tokenizer.encode(texts[:2]) == [tokenizer.encode(texts[0]), tokenizer.encode(texts[1])]
+    docs = encode_documents(tokenizer, texts[:1], cfg)
+    assert list(docs[0]) == [1, *tokenizer.encode(texts[0]), 2]
+    with pytest.raises(DataError, match=r"does not match the checkpoint: it has bos_token_id 1 \(the model has 5\)"):
+        checkpoint_tokenizer(tmp_path, cfg.replace(bos_token_id=5))
+    with pytest.raises(DataError, match=r"vocab_size \d+ \(the model has 100\)"):
+        checkpoint_tokenizer(tmp_path, cfg.replace(vocab_size=100))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match="is not a tokenizers tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="no tokenizer in .*tokenizer.model is missing"):
+        load_tokenizer(tmp_path)

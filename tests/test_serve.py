@@ -11,6 +11,7 @@ import sentencepiece as spm
 from flax import nnx
 
 import serve
+from lite import convert
 from lite.checkpoint import WEIGHTS_FILE, save_model
 from lite.config import get_config
 from lite.model import LongcatModel
@@ -172,6 +173,37 @@ def test_mesh_decoding_equals_one_device(run_dir):
     alone, sharded = serve_lines(), serve_lines("--mesh", "expert=4")
     assert [line["token_ids"] for line in sharded[:2]] == [line["token_ids"] for line in alone[:2]]
     assert all(line["num_tokens"] > 0 for line in sharded[:2])
+    # A Hugging Face directory, read straight into its shards (no converted copy).
+    hf_dir = run_dir.parent / "hf-mesh"
+    convert.to_hf(run_dir / "model", hf_dir)
+    from_hf = serve_lines("--mesh", "expert=4", "--checkpoint", str(hf_dir))
+    assert [line["token_ids"] for line in from_hf[:2]] == [line["token_ids"] for line in alone[:2]]
+
+
+def test_hf_checkpoint_with_tokenizer_json_serves(run_dir, tmp_path):
+    """An HF checkpoint (torch layout, tokenizer.json + tokenizer_config.json, no tokenizer.model)
+    decodes the same tokens as our directory of the same weights; text comes from the tokenizers package."""
+    import tokenizers
+    from hf_tokenizer import write_hf_tokenizer
+
+    hf_dir, ours = tmp_path / "hf", tmp_path / "ours"
+    convert.to_hf(run_dir / "model", hf_dir)
+    for directory in (hf_dir, ours):
+        (directory / "tokenizer.model").unlink(missing_ok=True)
+        (directory / "tokenizer_config.json").unlink(missing_ok=True)
+    shutil.copytree(run_dir / "model", ours, dirs_exist_ok=True)
+    (ours / "tokenizer.model").unlink()
+    for directory in (hf_dir, ours):
+        write_hf_tokenizer(directory, kjv_verses(300), PIECES)
+    prompts = ["In the beginning God created", "And the earth"]
+    got = run(["--checkpoint", str(hf_dir), "--max-new-tokens", "6", *prompts])
+    want = run(["--checkpoint", str(ours), "--max-new-tokens", "6", *prompts])
+    assert [line["token_ids"] for line in got[:2]] == [line["token_ids"] for line in want[:2]]
+    reference = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    for prompt, line in zip(prompts, got):
+        assert line["completion"] == reference.decode(line["token_ids"], skip_special_tokens=True)
+    assert got[-1]["summary"]["prefill_tokens"] == sum(
+        1 + len(reference.encode(p, add_special_tokens=False).ids) for p in prompts)  # one [BOS], added by id
 
 
 def test_bad_mesh_is_one_clear_error(run_dir, capsys):

@@ -263,3 +263,30 @@ def test_batch_not_divisible_by_data_parallel_size(workspace, tmp_path):
                         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     code, output = finish(process)
     assert code == 2 and "batch_size=3 is not divisible by the data-parallel size 2" in output
+
+
+def test_init_from_a_checkpoint_continues_from_its_weights(workspace, uninterrupted, tmp_path):
+    """--init-from: a new run with the checkpoint's config, tokenizer and weights (fresh optimizer);
+    the loss of its first step, taken before the update, is the checkpoint's loss on that batch."""
+    from lite.checkpoint import load_model
+    from lite.data import encode_documents, load_corpus, load_tokenizer, training_batches
+
+    straight, _ = uninterrupted
+    source = straight / "model"
+    run_dir = tmp_path / "tuned"
+    code, output = finish(run_train(workspace, run_dir, "--init-from", str(source), "--set", "steps=1",
+                                    "--set", "sample_tokens=0"))
+    assert code == 0, output
+    assert "initialized from" in output
+    assert (run_dir / "tokenizer.model").read_bytes() == (source / "tokenizer.model").read_bytes()
+    run = json.loads((run_dir / "run_config.json").read_text())
+    assert run["init_from"] == str(source) and run["model"]["name"] == "tiny"
+    model = load_model(source)
+    tokenizer = load_tokenizer(source / "tokenizer.model")
+    docs = encode_documents(tokenizer, load_corpus([workspace / "corpus.txt"]).train, model.cfg)
+    batch = next(iter(training_batches(docs, 32, 4, seed=0)))
+    out = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]))
+    want, _ = next_token_loss(out.logits, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]))
+    assert metrics(run_dir)[0]["loss"] == pytest.approx(float(want), rel=1e-5)
+    code, output = finish(run_train(workspace, run_dir, "--init-from", str(source)))
+    assert code == 2 and "--init-from starts a new run" in output
