@@ -185,6 +185,7 @@ def run_directory_lock(directory: pathlib.Path) -> Iterator[None]:
     directory refuses instead of overwriting the first one's run (the lock ends with the process)."""
     if directory.exists() and not directory.is_dir():
         raise RunError(f"--run-dir {directory} is a file, not a directory")
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / LOCK_FILE, "a+") as handle:
         try:
@@ -198,7 +199,13 @@ def run_directory_lock(directory: pathlib.Path) -> Iterator[None]:
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        yield
+        try:
+            yield
+        except BaseException:
+            if created and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # refused before writing anything
+                (directory / LOCK_FILE).unlink()
+                directory.rmdir()
+            raise
 
 
 def open_run(args: argparse.Namespace) -> RunSettings:
@@ -434,8 +441,8 @@ def latest_checkpoint(directory: pathlib.Path) -> int | None:
     """The last finalized checkpoint step (orbax ignores the temporary folders of unfinished saves)."""
     if not directory.exists():
         return None
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        return manager.latest_step()
+    # Not a read-only CheckpointManager: that logs three warnings on stderr.
+    return max(ocp.path.step.checkpoint_steps(directory), default=None)
 
 
 def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:

@@ -51,7 +51,8 @@ def config_from_dict(d: dict) -> ModelConfig:
     check_field_names(d)
     missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in d]
     if missing:
-        raise ConfigError(f"the model config lacks field(s) {missing}")
+        raise ConfigError(f"the model config lacks {len(missing)} field(s): {', '.join(missing[:6])}"
+                          f"{' ...' if len(missing) > 6 else ''}")
     if d["rope_scaling"] is not None:
         if not isinstance(d["rope_scaling"], dict):
             raise ConfigError(f"rope_scaling must be an object or null, got {d['rope_scaling']!r}")
