@@ -29,7 +29,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import signal
 import sys
 import time
@@ -92,9 +91,15 @@ class Signals:
         self.received: int | None = None
         self.deferred = False
 
-    def install(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self.handle)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Signals]:
+        """Handle the signals meanwhile (main() may run inside another program, e.g. a test)."""
+        previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def handle(self, signum: int, frame) -> None:
         if self.deferred and self.received is None:
@@ -229,6 +234,8 @@ def read_run_config(directory: pathlib.Path) -> dict:
         raise RunError(f"{directory} holds checkpoints but no {RUN_CONFIG_FILE}; pass another --run-dir")
     try:
         config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise RunError(f"{path} is not a run config: it holds a JSON {type(config).__name__}, not an object")
         missing = [key for key in ("preset", "model", "train", "data", "text_field") if key not in config]
         if missing:
             raise RunError(f"{path} is not a run config: it lacks {missing}")
@@ -961,10 +968,9 @@ def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(args.cache_dir) / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     sharding_mesh.initialize_distributed(args.distributed)
-    signals = Signals()
-    signals.install()
     try:
-        train(args, signals)
+        with Signals().installed() as signals:
+            train(args, signals)
     except (ConfigError, DataError, CheckpointError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -48,7 +48,7 @@ class Sampling:
     def __post_init__(self):
         # inf would divide every logit to 0 (uniform sampling), NaN compares false everywhere: both garbage.
         if not (_is_number(self.temperature) and 0 <= self.temperature < math.inf):
-            raise DecodeError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+            raise DecodeError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise DecodeError(f"top_p must lie in (0, 1], got {self.top_p}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
