@@ -27,7 +27,7 @@ import jax
 from lite.checkpoint import CONFIG_FILE, CheckpointError, load_config, load_model
 from lite.config import ConfigError, ModelConfig
 from lite.data import DataError, Tokenizer, checkpoint_tokenizer
-from lite.decode import DecodeError, Generator, Sampling, check_prompts
+from lite.decode import DecodeError, Generator, Sampling, check_prompts, check_seed
 from sharding.mesh import MeshSpecError, exit_at_once_if_distributed, initialize_distributed, make_mesh
 
 class ServeError(ValueError):
@@ -64,17 +64,27 @@ def read_prompts(args: argparse.Namespace, stdin: TextIO) -> list[str]:
         path = pathlib.Path(args.prompts_file)
         if not path.is_file():
             raise ServeError(f"prompts file {path} does not exist")
-        prompts, where = path.read_text().splitlines(), f"line {{}} of {path}"
+        prompts, where = decoded(path.read_bytes(), str(path)).splitlines(), f"line {{}} of {path}"
     elif args.prompts:
         prompts, where = list(args.prompts), "argument {}"
     else:
-        prompts, where = stdin.read().splitlines(), "line {} of stdin"
+        stdin_bytes = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode()
+        prompts, where = decoded(stdin_bytes, "stdin").splitlines(), "line {} of stdin"
     if not prompts:
         raise ServeError("no prompts given: pass them as arguments, with --prompts FILE, or on stdin")
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
             raise ServeError(f"prompt {i} ({where.format(i + 1)}) is empty")
     return prompts
+
+
+def decoded(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ServeError(f"{source} is not UTF-8 text: byte {error.start} (line {line}) is "
+                         f"{data[error.start:error.start + 1]!r}") from None
 
 
 def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
@@ -95,6 +105,7 @@ def serve(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise ServeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_seed(args.seed)
     if any(s == "" for s in args.stop):
         raise ServeError("--stop was given an empty string")
     prompts = read_prompts(args, stdin)
@@ -131,11 +142,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         initialize_distributed(coordinator=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
         serve(args, sys.stdin, sys.stdout)
-    except (ServeError, DecodeError, CheckpointError, ConfigError, MeshSpecError) as error:
+    except (ServeError, DecodeError, CheckpointError, ConfigError, MeshSpecError,
+            OSError) as error:  # OSError: an unreadable file, a full disk (the OS names the file and why)
         if jax.process_count() > 1:  # leave at once: never wait in a shutdown barrier for the others
             print(f"serve.py: error: {error}", file=sys.stderr)
             exit_at_once_if_distributed(1)
         raise SystemExit(f"serve.py: error: {error}") from None
+    except KeyboardInterrupt:
+        if jax.process_count() > 1:
+            print("serve.py: interrupted", file=sys.stderr)
+            exit_at_once_if_distributed(130)
+        raise SystemExit("serve.py: interrupted; nothing was written") from None
     except BaseException:
         if jax.process_count() > 1:
             traceback.print_exc()

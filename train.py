@@ -11,16 +11,27 @@ Run directory (default runs/<preset>): run_config.json (model + training config,
 data), tokenizer.model (or an --init-from checkpoint's tokenizer.json), checkpoints/ (orbax: state +
 data iterator, async, last k kept), model/ (the latest weights for serving: lite.checkpoint.load_model),
 metrics.jsonl, loss.png, expert_load.png. A run directory that holds a checkpoint is resumed (--no-resume refuses).
+
+Faults: one train.py per run directory (a lock; a second one refuses). Every checkpoint records the
+sha256 of its files; a resume verifies them and continues from the newest intact checkpoint (a bad
+one is moved to corrupt_checkpoints/, never deleted). A non-finite loss or gradient norm stops the
+run before that state is saved. Ctrl-C or SIGTERM (a preemption) saves a checkpoint at the current
+step and exits with status 128 + the signal number; the same command resumes. A resumed run refuses
+a corpus that changed since the run started.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
 import math
 import os
 import pathlib
+import signal
 import sys
 import time
 import traceback
@@ -56,10 +67,47 @@ TOKENIZER_FILE = "tokenizer.model"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"  # flock-ed by the train.py that runs in the directory
+CORRUPT_DIR = "corrupt_checkpoints"  # checkpoints that failed verification, moved out of orbax's sight
+CHECKSUMS_FILE = "sha256sums.json"  # in each checkpoint step directory, written once orbax has finalized it
 
 
 class RunError(ValueError):
     """The command line or run directory is inconsistent; the message says what to change."""
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM: the message says what was saved; the exit status is 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class Signals:
+    """SIGINT and SIGTERM (what a TPU VM preemption sends). While steps run, a signal only asks the
+    loop to stop after the current step (it then saves a checkpoint there); at any other time it
+    raises Interrupted at once: there is no training state worth saving, or it is saved already."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.deferred = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Signals]:
+        """Handle the signals meanwhile (main() may run inside another program, e.g. a test)."""
+        previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.deferred and self.received is None:
+            self.received = signum
+            return
+        raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name}")
 
 
 def write_atomically(path: pathlib.Path, content: str | bytes) -> None:
@@ -140,21 +188,75 @@ class RunSettings:
         return self.resume_step is not None
 
 
+def run_directory(args: argparse.Namespace) -> pathlib.Path:
+    return pathlib.Path(args.run_dir or f"runs/{args.preset or 'demo'}").resolve()
+
+
+@contextlib.contextmanager
+def run_directory_lock(directory: pathlib.Path) -> Iterator[None]:
+    """Create the run directory if needed and hold its lock meanwhile: a second train.py on the same
+    directory refuses instead of overwriting the first one's run (the lock ends with the process)."""
+    if directory.exists() and not directory.is_dir():
+        raise RunError(f"--run-dir {directory} is a file, not a directory")
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunError(f"{directory} is in use by another train.py (process {holder}); wait for it to finish, "
+                           "or pass another --run-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        except BaseException:
+            if created and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # refused before writing anything
+                (directory / LOCK_FILE).unlink()
+                directory.rmdir()
+            raise
+
+
 def open_run(args: argparse.Namespace) -> RunSettings:
     """The run directory (default runs/<preset>) and its settings: run_config.json's when it is resumed
     (options given again must repeat them), the command line's (preset + defaults + --set) otherwise."""
-    directory = pathlib.Path(args.run_dir or f"runs/{args.preset or 'demo'}").resolve()
+    directory = run_directory(args)
     resume_step = step_to_resume(directory, args.resume)
     if resume_step is not None and args.init_from:
         raise RunError(f"--init-from starts a new run, but {directory} holds one (checkpoint at step {resume_step}); "
                        "resume it without --init-from, or pass another --run-dir")
     if resume_step is not None:
-        config = json.loads((directory / RUN_CONFIG_FILE).read_text())
+        config = read_run_config(directory)
         check_same_run(config, args)
     else:
         config = requested_run(args, args.preset or ("init-from" if args.init_from else "demo"))
     return RunSettings(directory, resume_step, config, config_from_dict(config["model"]),
                        TrainConfig(**config["train"]))
+
+
+def read_run_config(directory: pathlib.Path) -> dict:
+    """run_config.json of a run that holds checkpoints, checked as far as a resume relies on it."""
+    path = directory / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise RunError(f"{directory} holds checkpoints but no {RUN_CONFIG_FILE}; pass another --run-dir")
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise RunError(f"{path} is not a run config: it holds a JSON {type(config).__name__}, not an object")
+        missing = [key for key in ("preset", "model", "train", "data", "text_field") if key not in config]
+        if missing:
+            raise RunError(f"{path} is not a run config: it lacks {missing}")
+        config_from_dict(config["model"])
+        TrainConfig(**config["train"])
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as error:
+        raise RunError(f"{path} is not a valid run config ({error}); pass another --run-dir") from error
+    except ConfigError as error:
+        raise RunError(f"{path} is not a valid run config: {error}") from error
+    return config
 
 
 def step_to_resume(run_dir: pathlib.Path, resume: bool | None) -> int | None:
@@ -179,6 +281,7 @@ def requested_run(args: argparse.Namespace, preset: str) -> dict:
     try:
         cfg = base.replace(**model_over)
         tcfg = TrainConfig(**train_over)
+        check_finite_settings(tcfg)
     except ConfigError:
         raise
     except TypeError as error:  # e.g. a value of the wrong type reaching a comparison
@@ -187,6 +290,13 @@ def requested_run(args: argparse.Namespace, preset: str) -> dict:
                 data=[str(pathlib.Path(p).resolve()) for p in args.data] if args.data else "kjv",
                 text_field=args.text_field,
                 init_from=str(pathlib.Path(args.init_from).resolve()) if args.init_from else None)
+
+
+def check_finite_settings(tcfg: TrainConfig) -> None:
+    """inf or NaN in a training setting (e.g. learning_rate=inf) makes every step non-finite."""
+    for key, value in dataclasses.asdict(tcfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
 
 
 def check_same_run(run: dict, args: argparse.Namespace) -> None:
@@ -206,10 +316,11 @@ def check_same_run(run: dict, args: argparse.Namespace) -> None:
                        "Resume it without changing them, or pass another --run-dir")
 
 
-def save_run_config(settings: RunSettings, planned: int) -> None:
-    """A new run's run_config.json, with the planned steps its schedule is built on (a resume reads them back)."""
-    write_atomically(settings.directory / RUN_CONFIG_FILE,
-                     json.dumps({**settings.config, "planned_steps": planned}, indent=2))
+def save_run_config(settings: RunSettings, planned: int, corpus_sha256: str) -> None:
+    """A new run's run_config.json, with the planned steps its schedule is built on and the fingerprint of
+    its corpus (a resume reads both back)."""
+    write_atomically(settings.directory / RUN_CONFIG_FILE, json.dumps(
+        {**settings.config, "planned_steps": planned, "corpus_sha256": corpus_sha256}, indent=2))
 
 
 def format_config(run: dict) -> str:
@@ -247,6 +358,7 @@ def load_data(settings: RunSettings, cache_dir: str, primary: bool) -> TrainingD
     at the beginning (a resume moves them on with the checkpoint's iterator state)."""
     run, cfg, tcfg = settings.config, settings.cfg, settings.tcfg
     corpus = kjv_corpus() if run["data"] == "kjv" else load_corpus(run["data"], run["text_field"])
+    check_same_corpus(settings, corpus)
     tokenizer = run_tokenizer(settings, corpus, cache_dir, primary)
     train_docs = encode_documents(tokenizer, corpus.train, cfg)
     val_docs = encode_documents(tokenizer, corpus.validation, cfg)
@@ -257,6 +369,23 @@ def load_data(settings: RunSettings, cache_dir: str, primary: bool) -> TrainingD
                                     processes))
     return TrainingData(corpus, tokenizer, train_docs, val_docs, unigram_entropy(train_docs, cfg.vocab_size),
                         val_tokens, val_segments, batches)
+
+
+def corpus_fingerprint(corpus: Corpus) -> str:
+    """sha256 of the documents as split into training and validation: what the run is trained on,
+    whatever files they came from."""
+    digest = hashlib.sha256()
+    for part in (corpus.train, corpus.validation):
+        digest.update(json.dumps(part).encode())
+    return digest.hexdigest()
+
+
+def check_same_corpus(settings: RunSettings, corpus: Corpus) -> None:
+    saved = settings.config.get("corpus_sha256")
+    if settings.resuming and saved is not None and saved != corpus_fingerprint(corpus):
+        raise RunError(f"the corpus {settings.config['data']} changed since the run in {settings.directory} started "
+                       "(its documents differ from the ones it was trained on); resume it with the original corpus, "
+                       "or pass another --run-dir")
 
 
 def run_tokenizer(settings: RunSettings, corpus: Corpus, cache_dir: str, primary: bool) -> Tokenizer:
@@ -277,7 +406,10 @@ def run_tokenizer(settings: RunSettings, corpus: Corpus, cache_dir: str, primary
             write_atomically(path, train_tokenizer(corpus.train, settings.cfg, cache_dir).read_bytes())
         sync_tokenizer(path)
     path = settings.directory
-    tokenizer = load_tokenizer(path)
+    try:
+        tokenizer = load_tokenizer(path)
+    except (RuntimeError, OSError) as error:
+        raise RunError(f"the tokenizer in {path} cannot be read ({str(error).splitlines()[0]})") from error
     if tokenizer.get_piece_size() > settings.cfg.vocab_size:
         raise RunError(f"{path} has {tokenizer.get_piece_size()} pieces, more than vocab_size={settings.cfg.vocab_size}")
     return tokenizer
@@ -336,33 +468,128 @@ def latest_checkpoint(directory: pathlib.Path) -> int | None:
     """The last finalized checkpoint step (orbax ignores the temporary folders of unfinished saves)."""
     if not directory.exists():
         return None
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        return manager.latest_step()
+    # Not a read-only CheckpointManager: that logs three warnings on stderr.
+    return max(ocp.path.step.checkpoint_steps(directory), default=None)
+
+
+def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint step directory, by path relative to it."""
+    sums = {}
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_file() and path.name != CHECKSUMS_FILE:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            sums[str(path.relative_to(step_dir))] = digest.hexdigest()
+    return sums
+
+
+def checksum_fault(step_dir: pathlib.Path) -> str | None:
+    """What differs from the checksums recorded with the checkpoint (None: they hold). Orbax itself reads
+    changed bytes back as they are: a flipped block restores silently as garbage."""
+    try:
+        recorded = json.loads((step_dir / CHECKSUMS_FILE).read_text())
+    except (OSError, ValueError) as error:
+        return f"its {CHECKSUMS_FILE} is unreadable ({error})"
+    present = file_checksums(step_dir)
+    missing = sorted(set(recorded) - set(present))
+    changed = sorted(name for name in recorded if name in present and present[name] != recorded[name])
+    if missing:
+        return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+    if changed:
+        return f"{len(changed)} file(s) changed since it was written, e.g. {changed[0]}"
+    return None
+
+
+def non_finite_leaves(tree) -> list[str]:
+    """Paths of the floating-point arrays of `tree` that hold NaN or inf."""
+    return [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all())]
 
 
 class Checkpoints:
     """RUN_DIR/checkpoints (orbax: the training state and the data iterator's state, saved asynchronously,
-    the last keep_checkpoints kept) and RUN_DIR/model (the latest weights for serving; process 0 writes it)."""
+    the last keep_checkpoints kept, each with the sha256 of its files) and RUN_DIR/model (the latest
+    weights for serving; process 0 writes it)."""
 
-    def __init__(self, run_dir: pathlib.Path, tcfg: TrainConfig, graphdef: nnx.GraphDef, primary: bool):
-        self.run_dir, self.graphdef, self.primary = run_dir, graphdef, primary
-        self.manager = ocp.CheckpointManager(
-            run_dir / CHECKPOINTS_DIR,
-            options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True),
+    def __init__(self, run_dir: pathlib.Path, tcfg: TrainConfig, graphdef: nnx.GraphDef, primary: bool,
+                 warn: Callable[[str], None]):
+        self.run_dir, self.tcfg, self.graphdef, self.primary, self.warn = run_dir, tcfg, graphdef, primary, warn
+        self.directory = run_dir / CHECKPOINTS_DIR
+        self.unrecorded: int | None = None  # a step whose save may still be in flight: checksums not yet written
+        self.last_saved: int | None = None
+        self.manager = self.open_manager()
+
+    def open_manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=self.tcfg.keep_checkpoints,
+                                                 enable_async_checkpointing=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
 
-    def restore(self, step: int, state: TrainState, batches: Iterator) -> TrainState:
-        """The state saved at `step`, shaped and sharded like `state`; `batches` continues where it was then."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
-            data=grain.checkpoint.CheckpointRestore(batches)))
-        return restored.state
+    def restore(self, state: TrainState, batches: Iterator) -> tuple[int, TrainState]:
+        """(step, state) of the newest intact checkpoint, shaped and sharded like `state`; `batches`
+        continues where it was then. A checkpoint whose files differ from their checksums, that orbax
+        cannot read, or that holds NaN / inf is skipped with a warning and moved to corrupt_checkpoints/
+        (an older intact one exists); without any intact checkpoint the run stops, moving nothing."""
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            step_dir = self.directory / str(step)
+            fault = checksum_fault(step_dir) if (step_dir / CHECKSUMS_FILE).exists() else None
+            if fault is None:
+                if not (step_dir / CHECKSUMS_FILE).exists():
+                    # A kill between orbax finishing the save and the checksums being written.
+                    self.warn(f"warning: checkpoint {step_dir} has no {CHECKSUMS_FILE}; restoring it unverified")
+                try:
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
+                        data=grain.checkpoint.CheckpointRestore(batches)))
+                    bad = non_finite_leaves(restored.state)
+                    fault = f"it holds NaN or inf in {bad[0]}" if bad else None
+                except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many kinds for bad files
+                    fault = f"orbax cannot read it: {str(error).splitlines()[0][:200]}"
+            if fault is None:
+                self.set_aside(damaged, step)
+                return step, restored.state
+            damaged.append((step, fault))
+        raise RunError(f"no intact checkpoint in {self.directory}: "
+                       + "; ".join(f"step {step}: {fault}" for step, fault in damaged)
+                       + ". Nothing was changed; pass another --run-dir to start again")
+
+    def set_aside(self, damaged: list[tuple[int, str]], resumed: int) -> None:
+        """Move damaged step directories to RUN_DIR/corrupt_checkpoints/ (kept for inspection; the run
+        saves these steps again), and reopen the manager so that it no longer lists them."""
+        if not damaged:
+            return
+        if self.primary:
+            for step, fault in damaged:
+                target = self.run_dir / CORRUPT_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                target.parent.mkdir(exist_ok=True)
+                os.replace(self.directory / str(step), target)
+                self.warn(f"warning: checkpoint {self.directory / str(step)} is damaged ({fault}); moved it to "
+                          f"{target} and resumed from step {resumed}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("set aside damaged checkpoints")
+        self.manager.close()
+        self.manager = self.open_manager()
 
     def save(self, step: int, state: TrainState, batches: Iterator) -> None:
         """Start an asynchronous save of the state and the iterator's position; export the model."""
+        self.record_checksums()
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(FrozenIteratorState(batches))))
+        self.unrecorded = self.last_saved = step
         self.export_model(state)
+
+    def record_checksums(self) -> None:
+        """Wait for the save in flight (orbax would before the next one anyway) and write its checksums."""
+        self.manager.wait_until_finished()
+        if self.unrecorded is not None and self.primary:
+            step_dir = self.directory / str(self.unrecorded)
+            if step_dir.is_dir():
+                write_atomically(step_dir / CHECKSUMS_FILE, json.dumps(file_checksums(step_dir), indent=0))
+        self.unrecorded = None
 
     def export_model(self, state: TrainState) -> None:
         """RUN_DIR/model: every process takes part (arrays spanning processes are gathered block by
@@ -371,8 +598,8 @@ class Checkpoints:
                    extra_files=tokenizer_files(self.run_dir))
 
     def close(self) -> None:
-        """Wait for the saves in flight."""
-        self.manager.wait_until_finished()
+        """Wait for the saves in flight and record their checksums."""
+        self.record_checksums()
         self.manager.close()
 
 
@@ -386,6 +613,7 @@ class Session:
     data: TrainingData
     steps: Steps
     checkpoints: Checkpoints
+    signals: Signals
     primary: bool  # process 0: the one that prints and writes files
     say: Callable[[str], None]  # print on process 0, nothing elsewhere
     start_time: float
@@ -472,7 +700,7 @@ class MetricsLog:
     def append(self, row: dict) -> None:
         self.rows.append(row)
         if self.file:
-            self.file.write(json.dumps(row) + "\n")
+            self.file.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
             self.file.flush()
 
     def last(self, key: str) -> dict | None:
@@ -482,6 +710,18 @@ class MetricsLog:
     def close(self) -> None:
         if self.file:
             self.file.close()
+
+
+def json_safe(value):
+    """`value` with every float that is not finite replaced by None: JSON has no NaN or inf (a step with a
+    non-finite loss stops the run, but e.g. tokens/s over a zero-length window would be inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class PeakFlops(NamedTuple):
@@ -621,22 +861,30 @@ def run_steps(session: Session, state: TrainState, planned: int, log: MetricsLog
     progress, step_rows = Progress(planned, start_step), StepRows(settings.cfg, tcfg, peak, session.start_time)
     last_val = (log.last("val_loss") or {}).get("val_loss")
     total_steps = jnp.int32(planned)
+    session.signals.deferred = True  # from here a signal stops the loop after a step, with a checkpoint
     for step in range(start_step + 1, planned + 1):
         step_start = time.time()
         batch = next(data.batches)
         state, metrics = steps.train(state, *steps.to_device(batch["tokens"], batch["segment_ids"]), total_steps)
         metrics = jax.device_get(metrics)
+        check_finite(step, {k: metrics[k] for k in ("loss", "grad_norm")}, session.checkpoints.last_saved)
         step_rows.timed(time.time() - step_start)
         final = step == planned
         row = step_rows.row(step, metrics) if step % tcfg.log_every == 0 or final else None
         if step % tcfg.eval_every == 0 or final:
             last_val = steps.validation_loss(state, data)
+            check_finite(step, {"val_loss": last_val}, session.checkpoints.last_saved)
             row = row or dict(step=step, loss=float(metrics["loss"]))
             row["val_loss"] = last_val
         if row is not None:
             log.append(row)
-        if step % tcfg.checkpoint_every == 0 or final:
+        if step % tcfg.checkpoint_every == 0 or final or session.signals.received:
             session.checkpoints.save(step, state, data.batches)
+        if session.signals.received:
+            progress.done()
+            raise Interrupted(session.signals.received,
+                              f"interrupted by {signal.Signals(session.signals.received).name} at step {step}: "
+                              f"checkpoint saved; run the same command to resume")
         if step % tcfg.eval_every == 0 and session.primary:
             write_plots(settings.directory, log.rows, data.entropy, settings.cfg)
         if session.primary:  # one progress line per run, not one per process
@@ -644,6 +892,17 @@ def run_steps(session: Session, state: TrainState, planned: int, log: MetricsLog
                           last_val, row is not None)
     progress.done()
     return state
+
+
+def check_finite(step: int, values: dict, last_saved: int | None) -> None:
+    """Stop before a non-finite state is saved or logged: NaN / inf never recovers, and every later
+    checkpoint would hold it (rotating the good ones out)."""
+    bad = {name: float(value) for name, value in values.items() if not math.isfinite(float(value))}
+    if bad:
+        kept = f"the last checkpoint (step {last_saved}) is intact" if last_saved else "no checkpoint was saved"
+        raise RunError(f"step {step}: {', '.join(f'{name} is {value}' for name, value in bad.items())}; training "
+                       f"stopped without saving this state ({kept}). Lower learning_rate or set grad_clip > 0, "
+                       "and start again in another --run-dir")
 
 
 def report(session: Session, state: TrainState, planned: int, log: MetricsLog, peak: PeakFlops) -> None:
@@ -690,46 +949,58 @@ def initialized_from(directory: str, state: TrainState, mesh: jax.sharding.Mesh)
     return state._replace(params=params, other=other)
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace, signals: Signals) -> None:
     """Settings (new or resumed run), mesh, data, state and compiled steps, the step plan, the steps
     with their metrics and checkpoints, then the final report and samples."""
     start_time = time.time()
     primary = jax.process_index() == 0
     say = print if primary else (lambda line: None)
-    settings = open_run(args)
-    cfg, tcfg = settings.cfg, settings.tcfg
-    mesh = make_mesh(args.mesh)
-    check_fits(cfg, tcfg, mesh)
-    # Traced under the mesh: the MoE runs expert-parallel and the N-gram table is row-sharded
-    # whenever the mesh has more than one device (sharding/), with the same model code.
-    jax.set_mesh(mesh)
-    data = load_data(settings, args.cache_dir, primary)
-    say(data.summary())
+    warn = (lambda line: print(line, file=sys.stderr, flush=True)) if primary else (lambda line: None)
+    # One train.py per run directory; only process 0 locks (hosts may share the directory).
+    with run_directory_lock(run_directory(args)) if primary else contextlib.nullcontext():
+        settings = open_run(args)
+        cfg, tcfg = settings.cfg, settings.tcfg
+        mesh = make_mesh(args.mesh)
+        check_fits(cfg, tcfg, mesh)
+        # Traced under the mesh: the MoE runs expert-parallel and the N-gram table is row-sharded
+        # whenever the mesh has more than one device (sharding/), with the same model code.
+        jax.set_mesh(mesh)
+        data = load_data(settings, args.cache_dir, primary)
+        say(data.summary())
 
-    graphdef, state, tx = init_state(cfg, tcfg, mesh)
-    session = Session(settings, data, Steps.jit(graphdef, tx, cfg, tcfg, mesh),
-                      Checkpoints(settings.directory, tcfg, graphdef, primary), primary, say, start_time)
-    if settings.resuming:
-        state = session.checkpoints.restore(settings.resume_step, state, data.batches)
-        say(f"resumed {settings.directory} at step {settings.resume_step}")
-    elif settings.config.get("init_from"):
-        state = initialized_from(settings.config["init_from"], state, mesh)
-        say(f"initialized from {settings.config['init_from']} (fresh optimizer state)")
-    planned = plan_steps(session, state)
-    if not settings.resuming and primary:
-        save_run_config(settings, planned)
-    say(format_config(settings.config) + f"\nplanned steps: {planned}; mesh {dict(mesh.shape)}; "
-        f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), {jax.process_count()} process(es)")
+        graphdef, state, tx = init_state(cfg, tcfg, mesh)
+        checkpoints = Checkpoints(settings.directory, tcfg, graphdef, primary, warn)
+        try:
+            session = Session(settings, data, Steps.jit(graphdef, tx, cfg, tcfg, mesh), checkpoints, signals, primary,
+                              say, start_time)
+            if settings.resuming:
+                resumed_step, state = checkpoints.restore(state, data.batches)
+                say(f"resumed {settings.directory} at step {resumed_step}")
+            elif settings.config.get("init_from"):
+                state = initialized_from(settings.config["init_from"], state, mesh)
+                say(f"initialized from {settings.config['init_from']} (fresh optimizer state)")
+            planned = plan_steps(session, state)
+            if not settings.resuming and primary:
+                save_run_config(settings, planned, corpus_fingerprint(data.corpus))
+            say(format_config(settings.config) + f"\nplanned steps: {planned}; mesh {dict(mesh.shape)}; "
+                f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), {jax.process_count()} process(es)")
 
-    peak = total_peak_flops(tcfg)
-    log = MetricsLog(settings.directory / METRICS_FILE, int(state.step), primary)
-    state = run_steps(session, state, planned, log, peak)
-    session.checkpoints.close()
-    log.close()
-    report(session, state, planned, log, peak)
-    if tcfg.sample_tokens:  # every process decodes (the model spans them all), process 0 prints
-        for line in sample(session, state):
-            say(line)
+            peak = total_peak_flops(tcfg)
+            log = MetricsLog(settings.directory / METRICS_FILE, int(state.step), primary)
+            try:
+                state = run_steps(session, state, planned, log, peak)
+            finally:
+                log.close()
+        finally:
+            checkpoints.close()  # the saves in flight finish (and get their checksums) whatever stopped the run
+            signals.deferred = False
+        if signals.received:
+            raise Interrupted(signals.received, f"interrupted by {signal.Signals(signals.received).name} after the "
+                              f"last step; its checkpoint is saved")
+        report(session, state, planned, log, peak)
+        if tcfg.sample_tokens:  # every process decodes (the model spans them all), process 0 prints
+            for line in sample(session, state):
+                say(line)
 
 
 def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
@@ -740,11 +1011,16 @@ def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     try:
         sharding_mesh.initialize_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
-        train(args)
-    except (ConfigError, DataError, CheckpointError, RunError, sharding_mesh.MeshSpecError) as error:
+        with Signals().installed() as signals:
+            train(args, signals)
+    except (ConfigError, DataError, CheckpointError, RunError, sharding_mesh.MeshSpecError,
+            OSError) as error:  # OSError: a full disk, a permission (the OS names the file and the reason)
         print(f"error: {error}", file=sys.stderr)
         sharding_mesh.exit_at_once_if_distributed(2)  # never wait in a shutdown barrier for the others
         return 2
+    except Interrupted as interrupt:
+        print(interrupt, file=sys.stderr)
+        return 128 + interrupt.signum
     except BaseException:
         if jax.process_count() > 1:
             traceback.print_exc()

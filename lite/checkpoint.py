@@ -19,7 +19,9 @@ transposes), with no converted copy on disk.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -27,6 +29,7 @@ import os
 import pathlib
 import shutil
 import struct
+import sys
 import tempfile
 from typing import Callable, Iterator
 
@@ -65,10 +68,23 @@ def config_to_dict(cfg: ModelConfig) -> dict:
 
 
 def config_from_dict(d: dict) -> ModelConfig:
+    """The inverse of config_to_dict: every field must be present (a missing one is not defaulted: the
+    model it describes would silently differ from the one that was saved)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a model config must be a JSON object of ModelConfig fields, got {type(d).__name__}")
     d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = YarnScaling(**d["rope_scaling"])
     check_field_names(d)
+    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in d]
+    if missing:
+        raise ConfigError(f"the model config lacks {len(missing)} field(s): {', '.join(missing[:6])}"
+                          f"{' ...' if len(missing) > 6 else ''}")
+    if d["rope_scaling"] is not None:
+        if not isinstance(d["rope_scaling"], dict):
+            raise ConfigError(f"rope_scaling must be an object or null, got {d['rope_scaling']!r}")
+        try:
+            d["rope_scaling"] = YarnScaling(**d["rope_scaling"])
+        except TypeError as error:
+            raise ConfigError(f"rope_scaling: {error}") from error
     return ModelConfig(**d)
 
 
@@ -357,23 +373,77 @@ def save_model(model: LongcatModel, directory: str | os.PathLike, extra_files: d
 @contextlib.contextmanager
 def atomic_directory(directory: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary directory beside `directory`; on success it replaces `directory` whole,
-    on failure it is removed, so a reader never sees half a checkpoint."""
+    on failure it is removed, so a reader never sees half a checkpoint.
+
+    The replacement is one atomic exchange of the two names (Linux renameat2 RENAME_EXCHANGE): at
+    every moment `directory` is the old or the new one, never absent. Where the file system cannot
+    exchange, the old one is renamed aside first (a short window without `directory`). Files and
+    folders get the modes the umask gives (not mkdtemp's private 0700), so that others can read
+    them. Temporary folders a killed writer left beside `directory` are removed on the next write.
+    """
     directory = pathlib.Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    _remove_abandoned(directory)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
     try:
         yield tmp
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        _apply_umask(tmp)
+        if not directory.exists():
+            tmp.rename(directory)
+        elif _exchange(tmp, directory):
+            shutil.rmtree(tmp)  # now the old directory
+        else:
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}")
             directory.rename(old)
             tmp.rename(directory)
             shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Swap two paths atomically; False where the OS or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def _apply_umask(root: pathlib.Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _remove_abandoned(directory: pathlib.Path) -> None:
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID-*` folders whose writer process no longer runs."""
+    for path in directory.parent.glob(f".{directory.name}.*-*-*"):
+        kind, _, rest = path.name[len(directory.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _process_runs(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

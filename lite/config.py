@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -182,7 +183,23 @@ def _validate(c: ModelConfig) -> None:
                   "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "ffn_hidden_size",
                   "expert_ffn_hidden_size", "moe_topk", "max_position_embeddings"):
         value = getattr(c, field)
-        need(isinstance(value, int) and value > 0, f"{field} must be a positive integer, got {value!r}")
+        need(_is_int(value) and value > 0, f"{field} must be a positive integer, got {value!r}")
+    # Types first (a config.json may hold anything), so that the rules below compare numbers.
+    for field in ("bos_token_id", "eos_token_id", "n_routed_experts", "zero_expert_num", "ngram_n", "ngram_k",
+                  "ngram_vocab_ratio"):
+        need(_is_int(getattr(c, field)), f"{field} must be an integer, got {getattr(c, field)!r}")
+    for field in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "target_ffn_experts_per_token",
+                  "router_bias_update_rate", "expert_capacity_factor", "initializer_range"):
+        value = getattr(c, field)
+        need(_is_number(value) and math.isfinite(value), f"{field} must be a finite number, got {value!r}")
+    for field in ("name", "expert_dispatch", "embedding_amplification", "param_dtype", "compute_dtype"):
+        need(isinstance(getattr(c, field), str), f"{field} must be a string, got {getattr(c, field)!r}")
+    # A zero or negative epsilon divides by zero on an all-zero row; theta <= 0 gives NaN frequencies.
+    need(c.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {c.rms_norm_eps}")
+    need(c.rope_theta > 0, f"rope_theta must be > 0, got {c.rope_theta}")
+    need(c.routed_scaling_factor > 0, f"routed_scaling_factor must be > 0, got {c.routed_scaling_factor}")
+    need(c.router_bias_update_rate >= 0, f"router_bias_update_rate must be >= 0, got {c.router_bias_update_rate}")
+    need(c.initializer_range >= 0, f"initializer_range must be >= 0, got {c.initializer_range}")
     need(c.n_routed_experts >= 1, f"n_routed_experts must be >= 1, got {c.n_routed_experts}")
     need(c.zero_expert_num >= 0, f"zero_expert_num must be >= 0, got {c.zero_expert_num}")
     need(c.moe_topk <= c.num_experts,
@@ -217,7 +234,21 @@ def _validate(c: ModelConfig) -> None:
         need(c.ngram_padded_rows < 2**31,
              f"the N-gram tables have {c.ngram_padded_rows} rows in all (padded); int32 indexing allows < 2^31")
     if c.rope_scaling is not None:
+        need(isinstance(c.rope_scaling, YarnScaling), f"rope_scaling must be YaRN scaling or None, got {c.rope_scaling!r}")
+        for field in dataclasses.fields(YarnScaling):
+            value = getattr(c.rope_scaling, field.name)
+            need(field.name == "truncate" or (value is None and field.name == "attention_factor")
+                 or (_is_number(value) and math.isfinite(value)),
+                 f"rope_scaling.{field.name} must be a finite number, got {value!r}")
         need(c.rope_scaling.factor >= 1.0, f"rope_scaling.factor must be >= 1, got {c.rope_scaling.factor}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ the checkpoint size (README, "Hugging Face checkpoints"). Outputs are written at
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fnmatch
 import json
 import math
 import os
@@ -110,6 +112,41 @@ def _progress_printer(total: int, label: str, quiet: bool) -> Callable[[int], No
     return report
 
 
+def check_out_dir(source: pathlib.Path, out: pathlib.Path, hf: bool) -> None:
+    """`out` is replaced whole, so it must be absent, empty or a checkpoint of the kind written (`hf`: a
+    Hugging Face one, else ours) holding nothing else, and must not be (or contain, or lie inside) the input."""
+    kind = "Hugging Face" if hf else "lite"
+    a, b = source.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise CheckpointError(f"--out {out} is the input checkpoint {source} or overlaps it; write to another directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a directory")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    strays = [p.name for p in entries if not (p.is_file() and _is_checkpoint_file(p.name))]
+    if strays:
+        raise CheckpointError(f"--out {out} holds {strays[:5]}, which are not part of a {kind} checkpoint; it would be "
+                              "replaced whole: pass an absent or empty directory")
+    try:
+        config = json.loads((out / CONFIG_FILE).read_text())
+        same_kind = (isinstance(config, dict) and config.get("model_type") in (hf_lib.MODEL_TYPE_PLAIN, hf_lib.MODEL_TYPE_NGRAM)) == hf
+        if not hf:
+            load_config(out)
+    except (OSError, ValueError):  # no config.json, not JSON, not our config (CheckpointError is a ValueError)
+        same_kind = False
+    if not same_kind:
+        raise CheckpointError(f"--out {out} is not empty and not a {kind} checkpoint; it would be replaced whole: pass "
+                              "an absent or empty directory, or an earlier output of the same conversion")
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return (name in (CONFIG_FILE, HF_INDEX_FILE) or name.endswith(".safetensors")
+            or any(fnmatch.fnmatch(name, pattern) for pattern in CARRIED_FILES))
+
+
 def read_hf_config(directory: str | os.PathLike) -> dict:
     path = pathlib.Path(directory) / CONFIG_FILE
     if not path.is_file():
@@ -121,6 +158,7 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quiet: boo
             **config_overrides) -> ModelConfig:
     """Convert a Hugging Face checkpoint directory into our format at `out_dir`; returns the config."""
     hf_dir = pathlib.Path(hf_dir)
+    check_out_dir(hf_dir, pathlib.Path(out_dir), hf=False)
     cfg = hf_lib.config_from_hf(read_hf_config(hf_dir), **config_overrides)
     shapes = state_shapes(cfg)
     layout = hf_lib.tensor_layout(cfg)
@@ -181,6 +219,7 @@ def to_hf(our_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_b
     the zero experts, which `transformers` insists on (`lite.hf.zero_expert_stubs`).
     """
     our_dir = pathlib.Path(our_dir)
+    check_out_dir(our_dir, pathlib.Path(out_dir), hf=True)
     cfg = load_config(our_dir)
     hf_config = hf_lib.config_to_hf(cfg)
     shapes = state_shapes(cfg)
@@ -221,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="a Hugging Face checkpoint directory to import")
     direction.add_argument("--to-hf", metavar="DIR", help="one of our checkpoint directories to export")
-    parser.add_argument("--out", metavar="DIR", required=True, help="the directory to write (replaced whole)")
+    parser.add_argument("--out", metavar="DIR", required=True,
+                        help="the directory to write: absent, empty, or an earlier output of the same conversion "
+                             "(replaced whole); never the input")
     parser.add_argument("--max-shard-size", default="5GB", help="--to-hf: largest safetensors shard (default 5GB)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
@@ -232,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             to_hf(args.to_hf, args.out, max_shard_bytes=parse_size(args.max_shard_size), quiet=args.quiet)
             print(f"wrote {args.out}")
-    except (CheckpointError, ConfigError, DataError) as error:
+    except (CheckpointError, ConfigError, DataError, OSError) as error:  # OSError: unreadable input, full disk
         sys.exit(f"error: {error}")
 
 

@@ -53,12 +53,17 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise DecodeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        # inf would divide every logit to 0 (uniform sampling), NaN compares false everywhere: both garbage.
+        if not (_is_number(self.temperature) and 0 <= self.temperature < math.inf):
+            raise DecodeError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise DecodeError(f"top_p must lie in (0, 1], got {self.top_p}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise DecodeError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -201,6 +206,12 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig) -> None:
             raise DecodeError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
 
 
+def check_seed(seed: int) -> None:
+    """jax.random.key takes a 64-bit integer."""
+    if not (isinstance(seed, int) and 0 <= seed < 2**63):
+        raise DecodeError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+
+
 class Generator:
     """Batch generation with one model; keeps one compiled prefill and decode loop per bucket.
 
@@ -239,6 +250,7 @@ class Generator:
         check_prompts(prompts, cfg)
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
             raise DecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_seed(seed)
         if stop_strings and detokenize is None:
             raise DecodeError("stop strings need a detokenize function")
         if any(s == "" for s in stop_strings):
@@ -246,7 +258,8 @@ class Generator:
         stats = GenerationStats()
         n = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
-        limits = np.minimum(max_new_tokens, cfg.max_position_embeddings - lengths)
+        limits = np.minimum(min(max_new_tokens, cfg.max_position_embeddings), cfg.max_position_embeddings - lengths)
+        max_new_tokens = int(limits.max())  # no row generates past the context window: allocate no more
         # On a mesh every device holds a slice of the batch (and of the packed rows): at least one row each.
         devices = 1 if self.mesh is None else self.mesh.size
         batch, prompt_len = bucket(n, devices), bucket(int(lengths.max()), 16)
