@@ -63,10 +63,20 @@ def figures(cell) -> int:
     return sum("image/png" in output.get("data", {}) for output in cell.outputs)
 
 
-def test_notebook_is_saved_without_outputs():
+def test_notebook_is_saved_with_the_outputs_of_a_clean_run():
+    """A reader sees a whole run without running it: every code cell ran, in order, and printed
+    something; no errors, no stderr noise, figures where the notebook draws them."""
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert code_cells and all(not cell.outputs and cell.execution_count is None for cell in code_cells)
+    assert [cell.execution_count for cell in code_cells] == list(range(1, len(code_cells) + 1))
+    for cell in code_cells:
+        kinds = {(output.output_type, output.get("name")) for output in cell.outputs}
+        tags = cell.metadata.get("tags", [])
+        assert cell.outputs or "parameters" in tags, cell.source[:80]
+        assert not any(kind == "error" or name == "stderr" for kind, name in kinds), cell.source[:80]
+    tagged = {tag: cell for cell in code_cells for tag in cell.metadata.get("tags", [])}
+    assert figures(tagged["train"]) == 1 and figures(tagged["expert-load"]) == 1
+    assert re.search(r"^total\s+68,\d{3},\d{3},\d{3}\s", text(tagged["param-budget"]), re.MULTILINE)
 
 
 def test_ngram_id_table_matches_the_hash_formula(executed, tokenizer_cache):
