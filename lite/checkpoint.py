@@ -375,7 +375,6 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[pathlib.Path]:
         raise
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Loading.
 
