@@ -107,7 +107,8 @@ class Signals:
         if self.deferred and self.received is None:
             self.received = signum
             return
-        raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name}")
+        raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} outside the training steps; "
+                                  "the last checkpoint holds every step trained")
 
 
 def write_atomically(path: pathlib.Path, content: str | bytes) -> None:

@@ -304,6 +304,8 @@ FAST_CASES = [
                edit=edit_config(rope_scaling={"factor": 2.0, "nonsense": 1})),
     serve_case("serve tokenizer garbage", ["hi"], "tokenizer.model is not a SentencePiece model",
                edit=write("tokenizer.model", b"\x00garbage" * 50)),
+    serve_case("serve safetensors header malformed", ["hi"], "model.safetensors",
+               edit=write("model.safetensors", (20).to_bytes(8, "little") + b'{"a": [1, 2, 3]}    ' + b"x" * 64)),
     Case("serve --max-new-tokens 10**30 is capped at the context", "serve",
          lambda case, ws, trained: (["--checkpoint", str(trained), "--max-new-tokens", str(10**30), "hi"], b""),
          0, None, kept="", check=tokens_capped),
