@@ -57,7 +57,7 @@ def test_every_parameter_has_logical_axes_and_mesh_axes_divide_or_are_dropped():
     # The released table, padded, splits over every device of a 4x4x8 v5p pod and of 4 x 8 H200s.
     lite = get_config("longcat-flash-lite")
     for mesh in (FakeMesh(fsdp=16, expert=8), FakeMesh(data=4, expert=8), FakeMesh(data=3, expert=8)):
-        assert logical_to_spec(("ngram_rows", None), (lite.ngram_padded_rows, 192), mesh) == \
+        assert logical_to_spec(("ngram_rows", None), (lite.ngram_padded_rows, lite.ngram_table_width), mesh) == \
             jax.sharding.PartitionSpec(tuple(mesh.axis_names), None)
 
 
