@@ -304,15 +304,23 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array
 
     A target counts when it is in the same (non-padding) segment as its input position and, if given,
     loss_mask[:, i+1] is true. Computed in float32.
+
+    Over all L positions (the last has no target and never counts) rather than logits[:, :-1], and the
+    target's log-probability picked by comparing with the vocabulary index rather than by
+    take_along_axis: a slice would copy the [B, L, V] logits, and take_along_axis's gradient is a
+    scatter into zeros of that size; the comparison fuses into the softmax and its gradient.
     """
-    targets = tokens[:, 1:]
-    valid = jnp.ones(targets.shape, bool)
+    targets = jnp.roll(tokens, -1, axis=1)  # [B, L]: column L-1 wraps around and is masked out
+    valid = jnp.broadcast_to(jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1, tokens.shape)
     if segment_ids is not None:
-        valid &= (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+        next_segment = jnp.roll(segment_ids, -1, axis=1)
+        valid &= (next_segment == segment_ids) & (next_segment > 0)
     if loss_mask is not None:
-        valid &= loss_mask[:, 1:].astype(bool)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        valid &= jnp.roll(loss_mask, -1, axis=1).astype(bool)
+    logits = logits.astype(jnp.float32)
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # as jax.nn.log_softmax
+    picked = jnp.sum(jnp.where(targets[..., None] == jnp.arange(logits.shape[-1]), shifted, 0.0), axis=-1)
+    nll = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - picked
     count = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1), count
 
