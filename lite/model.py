@@ -230,6 +230,9 @@ def prefill_cache(cfg: ModelConfig, prompts: PackedPrompts, entries: jax.Array, 
 # ---------------------------------------------------------------------------------------------
 # The model.
 
+# Scans of at most this many layers are unrolled (compile time still small; see `scan_layers`).
+UNROLL_MAX_LAYERS = 4
+
 class LongcatModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -282,9 +285,12 @@ class LongcatModel(nnx.Module):
     def scan_layers(self, h: jax.Array, apply_layer: Callable[[ShortcutLayer, jax.Array], tuple[jax.Array, Any]]):
         """h [B, L, D] through every layer as one compiled loop body over the stacked weights:
         apply_layer(layer, h) -> (h, what the layer gives back) -> (h [B, L, D], what every layer gave
-        back, stacked on a leading [num_layers] axis)."""
+        back, stacked on a leading [num_layers] axis). Up to UNROLL_MAX_LAYERS layers the loop is
+        unrolled: XLA then fuses across layers and keeps the backward's saved activations in place
+        instead of copying them into and out of [num_layers] stacks (demo step on CPU: 1.2-1.5x)."""
         graphdef, layer_state = nnx.split(self.layers)
-        return jax.lax.scan(lambda h, state: apply_layer(nnx.merge(graphdef, state), h), h, layer_state)
+        return jax.lax.scan(lambda h, state: apply_layer(nnx.merge(graphdef, state), h), h, layer_state,
+                            unroll=self.cfg.num_layers <= UNROLL_MAX_LAYERS)
 
     def unstack_layers(self) -> list[ShortcutLayer]:
         """self.layers as one module per layer. A decode loop makes them once, before it starts: inside
