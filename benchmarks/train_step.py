@@ -10,8 +10,8 @@ the step train.py runs (lite.training.make_train_step, router-bias update includ
 
 Table 1, ours vs transformers (when torch and transformers are importable): the preset's trunk
 without the N-gram embedding (transformers has none), one document per row; transformers'
-LongcatFlashForCausalLM (sdpa attention) with torch.optim.AdamW, at the faster of 1 thread and all
-cores.
+LongcatFlashForCausalLM (sdpa attention) with torch.optim.AdamW. Each side at the faster of 1 thread
+and all cores (XLA:CPU single-threaded by XLA_FLAGS, torch by set_num_threads).
 
 Table 2, the N-gram embedding's cost: the preset against its twin without the embedding, whose dense
 MLPs are widened until the activated parameters (at the target number of FFN experts per token)
@@ -40,6 +40,10 @@ from lite.config import ModelConfig, get_config
 from lite.params import count_params
 from lite.training import TrainConfig, init_state, make_train_step
 from torch_reference import alternate, hf_model, missing_reference, torch_thread_counts  # benchmarks/ is on sys.path
+
+# XLA:CPU on one thread, the counterpart of torch.set_num_threads(1): on a machine busier than its cores,
+# a thread pool that waits for every thread at each op can be slower than one thread, on both sides.
+SINGLE_THREADED_XLA = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
 
 
 def activated(cfg: ModelConfig) -> float:
@@ -112,6 +116,8 @@ def worker(args) -> None:
     """One variant's tokens/s, printed as the last line (JSON)."""
     name, _, threads = args.worker.partition("@")
     cfg = variant_config(args.preset, name)
+    if name != "torch" and threads == "1":  # read when the CPU backend starts, on the first computation below
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *SINGLE_THREADED_XLA])
     if name == "torch":
         if missing := missing_reference():
             raise SystemExit(missing)
@@ -130,7 +136,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of turns; each variant's best round counts")
     parser.add_argument("--skip-reference", action="store_true", help="no transformers comparison")
     parser.add_argument("--skip-ngram", action="store_true", help="no N-gram embedding table")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # ngram | twin | trunk | torch@THREADS
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # ngram | twin | trunk@THREADS | torch@THREADS
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -139,7 +145,8 @@ def main() -> None:
     if not with_ngram.has_ngram and not args.skip_ngram:
         raise SystemExit(f"preset {args.preset} has no N-gram embedding to compare against (use --skip-ngram)")
     missing = None if args.skip_reference else missing_reference()
-    names = ([] if args.skip_reference or missing else ["trunk", *(f"torch@{n}" for n in torch_thread_counts())])
+    threads = torch_thread_counts()
+    names = [] if args.skip_reference or missing else [f"{side}@{n}" for side in ("trunk", "torch") for n in threads]
     names += [] if args.skip_ngram else ["ngram", "twin"]
     common = [os.path.abspath(__file__), "--preset", args.preset, "--batch", str(args.batch),
               "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
@@ -162,12 +169,12 @@ def main() -> None:
             import torch
             import transformers
 
-            torch_name = max((n for n in best if n.startswith("torch@")), key=best.get)
-            print(f"{'':<44}{'tokens/s':>10}")
-            print(f"{'ours (lite.training.make_train_step)':<44}{best['trunk']:>10,.0f}")
-            print(f"{f'transformers {transformers.__version__}, torch {torch.__version__}, {torch_name[6:]} thr.':<44}"
-                  f"{best[torch_name]:>10,.0f}")
-            print(f"{'ratio':<44}{best['trunk'] / best[torch_name]:>9.2f}x")
+            ours, theirs = (max((n for n in best if n.startswith(side)), key=best.get) for side in ("trunk@", "torch@"))
+            print(f"{'':<52}{'tokens/s':>10}")
+            print(f"{f'ours (lite.training.make_train_step), {ours[6:]} thr.':<52}{best[ours]:>10,.0f}")
+            print(f"{f'transformers {transformers.__version__}, torch {torch.__version__}, {theirs[6:]} thr.':<52}"
+                  f"{best[theirs]:>10,.0f}")
+            print(f"{'ratio':<52}{best[ours] / best[theirs]:>9.2f}x")
     if not args.skip_ngram:
         print(f"\nN-gram embedding cost at equal activated parameters, 4 documents per row")
         print(f"{'variant':<28}{'total params':>14}{'activated':>12}{'tokens/s':>11}")
