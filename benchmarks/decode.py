@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from unittest import mock
@@ -35,6 +34,7 @@ from lite.config import get_config
 from lite.decode import greedy
 from lite.model import LongcatModel, PackedPrompts, pack_prompts
 from lite.ngram import NgramEmbedding
+from torch_reference import fastest_thread_count, hf_model, missing_reference  # benchmarks/ is on sys.path
 
 
 def plain_embedding_step(self: NgramEmbedding, new_tokens: jax.Array, cache: jax.Array):
@@ -113,24 +113,13 @@ def decode_table(preset: str, batches: list[int], steps: int, repeats: int) -> N
 
 
 def reference_table(batches: list[int], steps: int, repeats: int) -> None:
-    try:
-        import torch
-        from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
-    except ImportError as error:
-        print(f"\nno PyTorch reference: {error} (pip install torch transformers to compare)")
+    if missing := missing_reference():
+        print(f"\n{missing}")
         return
+    import torch
+
     cfg = get_config("tiny")
-    torch.manual_seed(0)
-    hf = LongcatFlashForCausalLM(LongcatFlashConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-        pad_token_id=0, rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
-        ffn_hidden_size=cfg.ffn_hidden_size, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
-        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, head_dim=cfg.qk_rope_head_dim,
-        v_head_dim=cfg.v_head_dim, moe_topk=cfg.moe_topk, n_routed_experts=cfg.n_routed_experts,
-        zero_expert_num=cfg.zero_expert_num, expert_ffn_hidden_size=cfg.expert_ffn_hidden_size,
-        routed_scaling_factor=cfg.routed_scaling_factor)).eval()
+    hf = hf_model(cfg).eval()
     model = LongcatModel(cfg, rngs=nnx.Rngs(0))
     print(f"\ntiny: {steps} new tokens per prompt (prefill included), prompts of 16..64 tokens, CPU")
     print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>7}")
@@ -152,10 +141,7 @@ def reference_table(batches: list[int], steps: int, repeats: int) -> None:
             assert out.shape[1] == left.shape[1] + steps
             return elapsed
 
-        # The best of one thread and all cores. Warm-ups first: a thread count more than twice as slow as
-        # the other cannot win and is not repeated (on a busy machine torch's thread pool can be 100x slower).
-        warm = {n: generate(n) for n in sorted({1, os.cpu_count() or 1})}
-        theirs = {n: [] for n, t in warm.items() if t <= 2 * min(warm.values())}
+        theirs = fastest_thread_count(generate)
         time_once(*program, packed)
         ours = []
         for _ in range(repeats):  # taking turns, so a burst of load on this shared machine hits both alike

@@ -60,8 +60,12 @@ class MLAttention(nnx.Module):
         latent, k_rope = self.latents(x, cos, sin)
         kv = self.kv_b_proj(latent).reshape(*latent.shape[:-1], cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
         k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
-        scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope, preferred_element_type=jnp.float32))
+        # One product over the joined head dims (nope + rope), the shared RoPE key repeated per head: two
+        # products and their sum would make XLA write, read and add two [B, H, L, L] score arrays.
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [B, L, H, qk_head_dim]
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[..., None, :], (*k_nope.shape[:-1], k_rope.shape[-1]))],
+                            axis=-1)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask, scores * softmax_scale(cfg), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -231,6 +231,9 @@ def prefill_cache(cfg: ModelConfig, prompts: PackedPrompts, entries: jax.Array, 
 # ---------------------------------------------------------------------------------------------
 # The model.
 
+# Scans of at most this many layers are unrolled (compile time still small; see `scan_layers`).
+UNROLL_MAX_LAYERS = 4
+
 class LongcatModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -285,9 +288,12 @@ class LongcatModel(nnx.Module):
     def scan_layers(self, h: jax.Array, apply_layer: Callable[[ShortcutLayer, jax.Array], tuple[jax.Array, Any]]):
         """h [B, L, D] through every layer as one compiled loop body over the stacked weights:
         apply_layer(layer, h) -> (h, what the layer gives back) -> (h [B, L, D], what every layer gave
-        back, stacked on a leading [num_layers] axis)."""
+        back, stacked on a leading [num_layers] axis). Up to UNROLL_MAX_LAYERS layers the loop is
+        unrolled: XLA then fuses across layers and keeps the backward's saved activations in place
+        instead of copying them into and out of [num_layers] stacks (demo step on CPU: 1.2-1.5x)."""
         graphdef, layer_state = nnx.split(self.layers)
-        return jax.lax.scan(lambda h, state: apply_layer(nnx.merge(graphdef, state), h), h, layer_state)
+        return jax.lax.scan(lambda h, state: apply_layer(nnx.merge(graphdef, state), h), h, layer_state,
+                            unroll=self.cfg.num_layers <= UNROLL_MAX_LAYERS)
 
     def unstack_layers(self) -> list[ShortcutLayer]:
         """self.layers as one module per layer. A decode loop makes them once, before it starts: inside
@@ -307,15 +313,23 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array
 
     A target counts when it is in the same (non-padding) segment as its input position and, if given,
     loss_mask[:, i+1] is true. Computed in float32.
+
+    Over all L positions (the last has no target and never counts) rather than logits[:, :-1], and the
+    target's log-probability picked by comparing with the vocabulary index rather than by
+    take_along_axis: a slice would copy the [B, L, V] logits, and take_along_axis's gradient is a
+    scatter into zeros of that size; the comparison fuses into the softmax and its gradient.
     """
-    targets = tokens[:, 1:]
-    valid = jnp.ones(targets.shape, bool)
+    targets = jnp.roll(tokens, -1, axis=1)  # [B, L]: column L-1 wraps around and is masked out
+    valid = jnp.broadcast_to(jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1, tokens.shape)
     if segment_ids is not None:
-        valid &= (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+        next_segment = jnp.roll(segment_ids, -1, axis=1)
+        valid &= (next_segment == segment_ids) & (next_segment > 0)
     if loss_mask is not None:
-        valid &= loss_mask[:, 1:].astype(bool)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        valid &= jnp.roll(loss_mask, -1, axis=1).astype(bool)
+    logits = logits.astype(jnp.float32)
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # as jax.nn.log_softmax
+    picked = jnp.sum(jnp.where(targets[..., None] == jnp.arange(logits.shape[-1]), shifted, 0.0), axis=-1)
+    nll = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - picked
     count = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1), count
 
