@@ -13,7 +13,6 @@ import json
 import math
 import os
 import pathlib
-import random
 import re
 import shutil
 import signal
@@ -86,16 +85,6 @@ def finite_json(text: str) -> list:
 
 # ---------------------------------------------------------------------------------------------
 # The shared run.
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    rng = random.Random(0)
-    words = "and the lord spake unto moses saying speak unto the children of israel when any man bring".split()
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) for _ in range(80)]
-    (root / "corpus.txt").write_text("\n\n".join(docs))
-    return root
-
 
 def train_args(workspace: pathlib.Path, run_dir: pathlib.Path, *extra: str) -> list[str]:
     return command("train", *RUN, "--data", str(workspace / "corpus.txt"), "--cache-dir", str(workspace / "cache"),

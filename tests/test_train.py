@@ -143,16 +143,6 @@ COMMON = ["--preset", "tiny", "--set", "steps=8", "--set", "log_every=1", "--set
           "--set", "seq_len=32", "--set", "sample_tokens=4"]
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    rng = random.Random(0)
-    words = "and the lord spake unto moses saying speak unto the children of israel when any man bring".split()
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) for _ in range(80)]
-    (root / "corpus.txt").write_text("\n\n".join(docs))
-    return root
-
-
 def run_train(workspace, run_dir, *extra, env=None):
     command = [sys.executable, str(ROOT / "train.py"), *COMMON, "--data", str(workspace / "corpus.txt"),
                "--cache-dir", str(workspace / "cache"), "--run-dir", str(run_dir), *extra]
