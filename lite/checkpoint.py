@@ -520,11 +520,12 @@ def _normalize(region: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 def read_region(source: SafetensorsDir, pieces: list[hf_lib.Piece], shape: tuple[int, ...], dtype: np.dtype,
                 region: tuple) -> np.ndarray:
     """ours[region] of the tensor the pieces make up, as `dtype`: each overlapping piece's part read
-    from its file (transposed where stored torch-style), nothing else."""
+    from its file (transposed where stored torch-style), nothing else. What no piece covers is zero:
+    the N-gram table's padding rows (ModelConfig.ngram_padded_rows), which Hugging Face does not store."""
     region = _normalize(region, shape)
     if len(pieces) == 1 and not pieces[0].index and not pieces[0].transpose:  # stored as is: no assembly copy
         return source.read_region(pieces[0].hf_key, region).astype(dtype, copy=False)
-    out = np.empty(tuple(s.stop - s.start for s in region), dtype)
+    out = np.zeros(tuple(s.stop - s.start for s in region), dtype)
     for piece in pieces:
         out_index, stored = [], []  # where the piece's part goes in `out`; its leading stored dims
         for dim, entry in enumerate(piece.index):
