@@ -143,7 +143,7 @@ def check_out_dir(source: pathlib.Path, out: pathlib.Path, hf: bool) -> None:
 
 
 def _is_checkpoint_file(name: str) -> bool:
-    return (name in (CONFIG_FILE, HF_INDEX_FILE) or name.endswith(".safetensors")
+    return (name in (CONFIG_FILE, INDEX_FILE) or name.endswith(".safetensors")
             or any(fnmatch.fnmatch(name, pattern) for pattern in CARRIED_FILES))
 
 
