@@ -1030,5 +1030,10 @@ def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
     return 0
 
 
+def cli() -> int:
+    """`python train.py` and the `longcat-train` command: main() with the persistent compile cache."""
+    return main(compilation_cache=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main(compilation_cache=True))
+    sys.exit(cli())
