@@ -59,6 +59,10 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
 
+        # inf or NaN in any setting (e.g. learning_rate=inf) makes every step non-finite.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            need(not isinstance(value, float) or math.isfinite(value), f"{field.name} must be a finite number, got {value}")
         for name in ("batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("steps", "sample_tokens"):
