@@ -5,11 +5,12 @@
     python train.py --data my_texts/ --set vocab_size=8192 --set batch_size=32 --set minutes=60
     python train.py --mesh data=8,expert=1              # data parallel over 8 devices
     python train.py --init-from runs/demo/model --set steps=100 --run-dir runs/tune   # fine-tune a checkpoint
+    python train.py --data my_texts/ --tokenizer my_tokenizer/tokenizer.json  # bring a tokenizer (or a .model file)
     python train.py --coordinator host0:1234 --num-processes 2 --process-id 0 ...      # one line per process
 
 Run directory (default runs/<preset>): run_config.json (model + training config, planned steps,
-data), tokenizer.model (or an --init-from checkpoint's tokenizer.json), checkpoints/ (orbax: state +
-data iterator, async, last k kept), model/ (the latest weights for serving: lite.checkpoint.load_model),
+data), the tokenizer (tokenizer.model, or the tokenizer.json of --tokenizer or --init-from), checkpoints/ (orbax:
+state + data iterator, async, last k kept), model/ (the latest weights for serving: lite.checkpoint.load_model),
 metrics.jsonl, loss.png, expert_load.png. A run directory that holds a checkpoint is resumed (--no-resume refuses).
 
 Faults: one train.py per run directory (a lock; a second one refuses). Every checkpoint records the
@@ -48,9 +49,10 @@ from jax.experimental import multihost_utils
 
 from lite.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_config, load_model, save_model
 from lite.config import ConfigError, ModelConfig, get_config
-from lite.data import (Corpus, DataError, FrozenIteratorState, Tokenizer, checkpoint_tokenizer, encode_documents,
-                       kjv_corpus, load_corpus, load_tokenizer, packed_rows, tokenizer_files, train_tokenizer,
-                       training_batches, unigram_entropy, validation_rows_for_process)
+from lite.data import (TOKENIZER_FILES, Corpus, DataError, FrozenIteratorState, TokenizedDocuments, Tokenizer,
+                       cached_documents, check_tokenizer, checkpoint_tokenizer, kjv_corpus, load_corpus, load_tokenizer,
+                       packed_rows, tokenizer_files, tokenizer_model_fields, train_tokenizer, training_batches,
+                       unigram_entropy, validation_rows_for_process)
 from lite.decode import Generator, Sampling
 from lite.model import LongcatModel
 from lite.training import (TrainConfig, TrainState, evaluate, expert_load_metrics, flops_per_token, init_state,
@@ -170,8 +172,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-from", metavar="DIR",
                         help="fine-tune: start a new run from a checkpoint (ours or Hugging Face): its weights, "
                              "config and tokenizer, a fresh optimizer")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="train with this tokenizer instead of training one: a SentencePiece .model file, a "
+                             "Hugging Face tokenizer.json (BOS / EOS named by the tokenizer_config.json beside it) or "
+                             "a directory holding either; vocab_size, bos_token_id and eos_token_id default to its")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/longcat-lite"),
-                        help="where trained tokenizers are cached")
+                        help="where trained tokenizers, tokenised corpora (tokens/) and compiled steps (xla/) "
+                             "are cached")
     return parser.parse_args(argv)
 
 
@@ -277,7 +284,11 @@ def requested_run(args: argparse.Namespace, preset: str) -> dict:
     """The run configuration the command line asks for: preset + defaults + --set overrides."""
     model_defaults = {} if jax.default_backend() == "cpu" else {"compute_dtype": "bfloat16"}
     # bf16 compute with f32 master weights on accelerators; XLA:CPU runs bf16 matmuls slower than f32.
-    base = load_config(args.init_from) if args.init_from else get_config(preset, **model_defaults)
+    if args.tokenizer and args.init_from:
+        raise ConfigError("--tokenizer and --init-from both name the tokenizer: a checkpoint is trained with its own")
+    brought = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    base = load_config(args.init_from) if args.init_from else get_config(
+        preset, **model_defaults, **(tokenizer_model_fields(brought, args.tokenizer) if brought else {}))
     model_over, train_over = parse_overrides(args.set, base, TrainConfig())
     try:
         cfg = base.replace(**model_over)
@@ -286,10 +297,14 @@ def requested_run(args: argparse.Namespace, preset: str) -> dict:
         raise
     except TypeError as error:  # e.g. a value of the wrong type reaching a comparison
         raise ConfigError(str(error)) from error
+    if brought:
+        check_tokenizer(brought, cfg, f"--tokenizer {args.tokenizer} does not fit the --set model settings "
+                        "(leave vocab_size, bos_token_id and eos_token_id unset to take the tokenizer's)")
     return dict(preset=preset, model=config_to_dict(cfg), train=dataclasses.asdict(tcfg),
                 data=[str(pathlib.Path(p).resolve()) for p in args.data] if args.data else "kjv",
                 text_field=args.text_field,
-                init_from=str(pathlib.Path(args.init_from).resolve()) if args.init_from else None)
+                init_from=str(pathlib.Path(args.init_from).resolve()) if args.init_from else None,
+                tokenizer=str(pathlib.Path(args.tokenizer).resolve()) if args.tokenizer else None)
 
 
 def check_same_run(run: dict, args: argparse.Namespace) -> None:
@@ -299,6 +314,8 @@ def check_same_run(run: dict, args: argparse.Namespace) -> None:
         changed.append(f"--preset {args.preset} (run: {run['preset']})")
     if args.data and [str(pathlib.Path(p).resolve()) for p in args.data] != run["data"]:
         changed.append(f"--data (run: {run['data']})")
+    if args.tokenizer and str(pathlib.Path(args.tokenizer).resolve()) != run.get("tokenizer"):
+        changed.append(f"--tokenizer (run: {run.get('tokenizer') or 'trained on its corpus'})")
     saved_model, saved_train = config_from_dict(run["model"]), TrainConfig(**run["train"])
     model_over, train_over = parse_overrides(args.set, saved_model, saved_train)
     changed += [f"{key}={value!r} (run: {run[section][key]!r})"
@@ -332,8 +349,8 @@ class TrainingData:
     """The run's corpus through its tokenizer: documents, this process's validation rows, the batch iterator."""
     corpus: Corpus
     tokenizer: Tokenizer
-    train_docs: list[np.ndarray]  # int32 [BOS] + tokens + [EOS] per document
-    val_docs: list[np.ndarray]
+    train_docs: TokenizedDocuments  # int32 [BOS] + tokens + [EOS] per document, memory-mapped from the token cache
+    val_docs: TokenizedDocuments
     entropy: float  # unigram entropy of train_docs, nats per token: the loss to get below
     val_tokens: np.ndarray  # int32[R, L]: this process's share of the rows, padded to whole global batches
     val_segments: np.ndarray  # int32[R, L]; 0 on padding
@@ -353,8 +370,9 @@ def load_data(settings: RunSettings, cache_dir: str, primary: bool) -> TrainingD
     corpus = kjv_corpus() if run["data"] == "kjv" else load_corpus(run["data"], run["text_field"])
     check_same_corpus(settings, corpus)
     tokenizer = run_tokenizer(settings, corpus, cache_dir, primary)
-    train_docs = encode_documents(tokenizer, corpus.train, cfg)
-    val_docs = encode_documents(tokenizer, corpus.validation, cfg)
+    train_docs = cached_documents(tokenizer, corpus.train, cfg, cache_dir)
+    val_docs = cached_documents(tokenizer, corpus.validation, cfg, cache_dir)
+    check_same_tokens(train_docs.key + val_docs.key)
     process, processes = jax.process_index(), jax.process_count()
     val_tokens, val_segments = validation_rows_for_process(*packed_rows(val_docs, tcfg.seq_len), tcfg.batch_size,
                                                            process, processes)
@@ -384,13 +402,18 @@ def check_same_corpus(settings: RunSettings, corpus: Corpus) -> None:
 def run_tokenizer(settings: RunSettings, corpus: Corpus, cache_dir: str, primary: bool) -> Tokenizer:
     """The run's own copy of its tokenizer in RUN_DIR: a new run copies the cached tokenizer.model of its
     corpus there (process 0 trains it; the others receive it), a fine-tuning run the --init-from
-    checkpoint's tokenizer files (every process reads that checkpoint anyway), a resumed run reads
-    the copy it made."""
-    init_from = settings.config.get("init_from")
-    if not settings.resuming and init_from:
+    checkpoint's tokenizer files, a run with --tokenizer that tokenizer's files (every process reads
+    them, as it reads a checkpoint), a resumed run reads the copy it made."""
+    init_from, brought = settings.config.get("init_from"), settings.config.get("tokenizer")
+    if not settings.resuming and (init_from or brought):
         settings.directory.mkdir(parents=True, exist_ok=True)
-        checkpoint_tokenizer(init_from, settings.cfg)  # refused here, before anything is copied
-        for name, source in tokenizer_files(init_from).items():
+        if init_from:
+            checkpoint_tokenizer(init_from, settings.cfg)  # refused here, before anything is copied
+        files = tokenizer_files(init_from or brought)
+        for name in TOKENIZER_FILES:  # one left by an earlier start in this directory would be read instead
+            if name not in files:
+                (settings.directory / name).unlink(missing_ok=True)
+        for name, source in files.items():
             write_atomically(settings.directory / name, pathlib.Path(source).read_bytes())
     elif not settings.resuming:
         path = settings.directory / TOKENIZER_FILE
@@ -406,6 +429,18 @@ def run_tokenizer(settings: RunSettings, corpus: Corpus, cache_dir: str, primary
     if tokenizer.get_piece_size() > settings.cfg.vocab_size:
         raise RunError(f"{path} has {tokenizer.get_piece_size()} pieces, more than vocab_size={settings.cfg.vocab_size}")
     return tokenizer
+
+
+def check_same_tokens(cache_keys: str) -> None:
+    """Multi-process: every process tokenised its own copy of the corpus (hosts need not share a file
+    system); equal token cache keys (hashes of corpus and tokenizer) mean equal ids."""
+    if jax.process_count() == 1:
+        return
+    keys = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(cache_keys), np.uint8))
+    differ = [process for process in range(len(keys)) if not np.array_equal(keys[process], keys[0])]
+    if differ:
+        raise DataError(f"process(es) {differ} read other training data than process 0 (another corpus, "
+                        "tokenizer or tokenizer library version): give every process the same --data files")
 
 
 def sync_tokenizer(path: pathlib.Path) -> None:

@@ -3,7 +3,8 @@
     corpus    = kjv_corpus() or load_corpus(paths)             documents as text, validation held out whole
     file      = train_tokenizer(corpus.train, cfg, cache_dir)  BPE model file, trained at first use and cached
     tokenizer = load_tokenizer(file)                           a SentencePieceProcessor (or HFTokenizer)
-    docs      = encode_documents(tokenizer, corpus.train, cfg)  [BOS] text [EOS] per document
+    docs      = encode_documents(tokenizer, corpus.train, cfg)  [BOS] text [EOS] per document, or
+    docs      = cached_documents(tokenizer, corpus.train, cfg, cache_dir)   the same, tokenised once and memory-mapped
     batches   = training_batches(docs, seq_len, batch, seed, process_index, process_count)
 
 A training row is `seq_len` tokens of concatenated documents with `segment_ids` numbering them
@@ -15,20 +16,32 @@ checkpoint.
 A checkpoint's tokenizer is SentencePiece `tokenizer.model` (what train.py trains) or a Hugging Face
 `tokenizer.json` (the `tokenizers` package) whose BOS / EOS tokens `tokenizer_config.json` names;
 `checkpoint_tokenizer(directory, cfg)` opens either and checks it against the model config.
+
+The token cache (`cached_documents`): CACHE_DIR/tokens/KEY/ holds tokens.npy (int32, every document's
+[BOS] ids [EOS] concatenated), offsets.npy (int64 [documents + 1]: document i is
+tokens[offsets[i]:offsets[i + 1]]) and manifest.json (sizes and sha256 of both). KEY hashes the texts,
+the tokenizer's serialized model (and its library's version) and the BOS / EOS ids, so a changed corpus
+or tokenizer gets a new entry. An entry appears whole (written in a temporary directory and renamed)
+and is checked against its manifest when opened: a damaged one is rebuilt, never used.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
 import pathlib
 import re
 import tempfile
-from typing import Sequence
+import warnings
+from typing import Iterator, Sequence
 
 import grain
 import grain.experimental
@@ -36,6 +49,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
+from lite.checkpoint import atomic_directory
 from lite.config import ModelConfig
 
 KJV_VALIDATION_BOOKS = ("Ruth", "Jonah", "Micah", "Philemon", "Jude", "Titus")
@@ -173,8 +187,9 @@ def train_tokenizer(texts: Sequence[str], cfg: ModelConfig, cache_dir: str | os.
 SENTENCEPIECE_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+HF_TOKENIZER_SIDE_FILES = (HF_TOKENIZER_CONFIG_FILE, "special_tokens_map.json")  # beside a tokenizer.json
 # The files that make up a checkpoint's tokenizer (copied along with the weights).
-TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG_FILE, "special_tokens_map.json")
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE, *HF_TOKENIZER_SIDE_FILES)
 
 
 class HFTokenizer:
@@ -233,6 +248,10 @@ class HFTokenizer:
     def id_to_piece(self, token_id: int) -> str | None:
         return self._tokenizer.id_to_token(token_id)
 
+    def serialized(self) -> bytes:
+        """The whole tokenizer as tokenizer.json text: what its encodings depend on."""
+        return self._tokenizer.to_str().encode()
+
 
 Tokenizer = spm.SentencePieceProcessor | HFTokenizer
 
@@ -241,6 +260,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer ready to encode and decode: a SentencePiece model file (train_tokenizer's, or a
     run's copy), a `tokenizer.json`, or a directory holding either (tokenizer.model preferred)."""
     path = pathlib.Path(path)
+    if not path.exists():
+        raise DataError(f"tokenizer {path} does not exist")
     if path.is_dir():
         found = [path / name for name in (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE) if (path / name).is_file()]
         if not found:
@@ -254,10 +275,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise DataError(f"{path} is not a SentencePiece model: {error}") from error
 
 
-def tokenizer_files(directory: str | os.PathLike) -> dict[str, str]:
-    """{file name: path} of the tokenizer files a checkpoint directory holds (to copy them along)."""
-    directory = pathlib.Path(directory)
-    return {name: str(directory / name) for name in TOKENIZER_FILES if (directory / name).is_file()}
+def tokenizer_files(path: str | os.PathLike) -> dict[str, str]:
+    """{file name in a checkpoint: path} of a tokenizer's files, to copy them along: those a directory
+    holds, or a tokenizer.json file (any name ending in .json) with the tokenizer_config.json and
+    special_tokens_map.json beside it, or a SentencePiece model file."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return {name: str(path / name) for name in TOKENIZER_FILES if (path / name).is_file()}
+    if path.suffix != ".json":
+        return {SENTENCEPIECE_FILE: str(path)}
+    beside = {name: str(path.with_name(name)) for name in HF_TOKENIZER_SIDE_FILES
+              if path.with_name(name).is_file()}
+    return {HF_TOKENIZER_FILE: str(path), **beside}
 
 
 def hf_tokenizer_config(tokenizer: Tokenizer, cfg: ModelConfig) -> dict:
@@ -282,13 +311,31 @@ def checkpoint_tokenizer(directory: str | os.PathLike, cfg: ModelConfig) -> Toke
     released checkpoints do when they pad the embedding), the config's BOS and EOS ids where the
     tokenizer knows them."""
     tokenizer = load_tokenizer(directory)
+    check_tokenizer(tokenizer, cfg, f"the tokenizer in {directory} does not match the checkpoint")
+    return tokenizer
+
+
+def check_tokenizer(tokenizer: Tokenizer, cfg: ModelConfig, problem: str) -> None:
+    """Refuse a model config that does not fit the tokenizer: more pieces than vocab_size, or BOS / EOS
+    ids other than the tokenizer's where it knows them. `problem` opens the error message."""
     wrong = [f"{name} {value} (the model has {getattr(cfg, name)})" for name, value, bad in (
         ("vocab_size", tokenizer.get_piece_size(), tokenizer.get_piece_size() > cfg.vocab_size),
         ("bos_token_id", tokenizer.bos_id(), tokenizer.bos_id() not in (-1, cfg.bos_token_id)),
         ("eos_token_id", tokenizer.eos_id(), tokenizer.eos_id() not in (-1, cfg.eos_token_id))) if bad]
     if wrong:
-        raise DataError(f"the tokenizer in {directory} does not match the checkpoint: it has {', '.join(wrong)}")
-    return tokenizer
+        raise DataError(f"{problem}: it has {', '.join(wrong)}")
+
+
+def tokenizer_model_fields(tokenizer: Tokenizer, source: str | os.PathLike) -> dict[str, int]:
+    """vocab_size, bos_token_id and eos_token_id of a model trained with this tokenizer (the vocabulary
+    is the tokenizer's, as `transformers` users build a config with vocab_size=len(tokenizer)).
+    Training documents are [BOS] text [EOS], so a tokenizer that lacks either token is refused."""
+    missing = [name for name, token_id in (("BOS", tokenizer.bos_id()), ("EOS", tokenizer.eos_id())) if token_id < 0]
+    if missing:
+        raise DataError(f"the tokenizer {source} defines no {' and no '.join(missing)} token, which every "
+                        "training document needs ([BOS] text [EOS]); a tokenizer.json names them in the "
+                        f"{HF_TOKENIZER_CONFIG_FILE} beside it (bos_token, eos_token)")
+    return dict(vocab_size=tokenizer.get_piece_size(), bos_token_id=tokenizer.bos_id(), eos_token_id=tokenizer.eos_id())
 
 
 def encode_documents(tokenizer: Tokenizer, texts: Sequence[str],
@@ -300,10 +347,148 @@ def encode_documents(tokenizer: Tokenizer, texts: Sequence[str],
 def unigram_entropy(docs: Sequence[np.ndarray], vocab_size: int) -> float:
     """Entropy in nats of the corpus' token distribution: the loss of the best context-free model."""
     counts = np.zeros(vocab_size, np.int64)
-    for doc in docs:
-        counts += np.bincount(doc, minlength=vocab_size)
+    if isinstance(docs, TokenizedDocuments):  # counted in blocks of the memory map, not per document
+        for start in range(0, len(docs.tokens), COUNT_BLOCK):
+            counts += np.bincount(docs.tokens[start: start + COUNT_BLOCK], minlength=vocab_size)
+    else:
+        for doc in docs:
+            counts += np.bincount(doc, minlength=vocab_size)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# The token cache.
+
+TOKEN_CACHE_DIR = "tokens"  # under the cache directory (train.py's --cache-dir)
+TOKENS_FILE, OFFSETS_FILE, MANIFEST_FILE = "tokens.npy", "offsets.npy", "manifest.json"
+TOKEN_CACHE_FORMAT = 1  # part of the key: a new layout never reads an old entry
+ENCODE_BLOCK = 4096  # documents tokenised and written at a time
+COUNT_BLOCK = 1 << 24  # tokens counted at a time by unigram_entropy
+
+
+class TokenizedDocuments(collections.abc.Sequence):
+    """Documents int32 [BOS] + ids + [EOS], stored flat: document i is tokens[offsets[i]:offsets[i + 1]].
+
+    A grain data source: a document is read from the memory-mapped cache when the pipeline reaches it.
+    """
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, key: str):
+        self.tokens = tokens  # int32[N]
+        self.offsets = offsets  # int64[D + 1]
+        self.key = key  # the cache key: equal keys hold equal ids
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = range(len(self))[index]  # negative indices count from the end; IndexError past it
+        return np.array(self.tokens[self.offsets[index]: self.offsets[index + 1]])
+
+
+def token_cache_key(tokenizer: Tokenizer, texts: Sequence[str], cfg: ModelConfig) -> str:
+    """Hash of everything the ids depend on: the texts, the tokenizer (its serialized model and the
+    library that runs it), the BOS / EOS ids, the cache format."""
+    if isinstance(tokenizer, HFTokenizer):
+        library, model = f"tokenizers {tokenizers.__version__}", tokenizer.serialized()
+    else:
+        library, model = f"sentencepiece {spm.__version__}", tokenizer.serialized_model_proto()
+    digest = hashlib.sha256(json.dumps([TOKEN_CACHE_FORMAT, library, cfg.bos_token_id, cfg.eos_token_id]).encode())
+    for part in (model, *(text.encode("utf-8") for text in texts)):
+        digest.update(len(part).to_bytes(8, "little"))  # length-prefixed: the parts' boundaries are hashed too
+        digest.update(part)
+    return digest.hexdigest()[:32]
+
+
+def cached_documents(tokenizer: Tokenizer, texts: Sequence[str], cfg: ModelConfig,
+                     cache_dir: str | os.PathLike) -> TokenizedDocuments:
+    """encode_documents(tokenizer, texts, cfg), tokenised by the first call and memory-mapped from
+    CACHE_DIR/tokens/KEY/ after (see the module docstring).
+
+    Processes that share the cache directory take turns (a lock file beside the entry): one builds
+    the entry, the others open it. A damaged entry (a size or sha256 that disagrees with its
+    manifest) is rebuilt, with a warning.
+    """
+    key = token_cache_key(tokenizer, texts, cfg)
+    entry = pathlib.Path(cache_dir) / TOKEN_CACHE_DIR / key
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(entry.with_name(f"{key}.lock")):
+        if entry.exists():
+            try:
+                return open_token_cache(entry, key)
+            except DataError as damage:
+                warnings.warn(f"{damage}; tokenising the corpus again", stacklevel=2)
+        with atomic_directory(entry) as tmp:  # replaces a damaged entry in one step
+            _write_token_cache(tmp, tokenizer, texts, cfg)
+        return open_token_cache(entry, key)
+
+
+def open_token_cache(entry: pathlib.Path, key: str) -> TokenizedDocuments:
+    """A token cache entry, memory-mapped, after checking its files against its manifest."""
+    try:
+        manifest = json.loads((entry / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+        for name in (TOKENS_FILE, OFFSETS_FILE):
+            size = (entry / name).stat().st_size
+            if size != files[name]["bytes"]:
+                raise DataError(f"token cache {entry / name} holds {size} bytes, its manifest says "
+                                f"{files[name]['bytes']}")
+            if _sha256(entry / name) != files[name]["sha256"]:
+                raise DataError(f"token cache {entry / name} does not match the sha256 in its manifest")
+        tokens = np.load(entry / TOKENS_FILE, mmap_mode="r")
+        offsets = np.load(entry / OFFSETS_FILE)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # a missing or unreadable file or manifest
+        raise DataError(f"token cache {entry} is damaged ({type(error).__name__}: {error})") from error
+    return TokenizedDocuments(tokens, offsets, key)
+
+
+def _write_token_cache(directory: pathlib.Path, tokenizer: Tokenizer, texts: Sequence[str], cfg: ModelConfig) -> None:
+    """tokens.npy streamed in blocks of documents (its header, which holds the length, written last),
+    offsets.npy, then manifest.json."""
+    dtype = np.dtype("<i4")
+    lengths = []
+    with open(directory / TOKENS_FILE, "wb") as out:
+        out.write(_npy_header(dtype, 0))  # a placeholder of the final header's size
+        for start in range(0, len(texts), ENCODE_BLOCK):
+            docs = encode_documents(tokenizer, texts[start: start + ENCODE_BLOCK], cfg)
+            lengths += map(len, docs)
+            if docs:
+                out.write(np.concatenate(docs).astype(dtype).tobytes())
+        out.seek(0)
+        out.write(_npy_header(dtype, sum(lengths)))
+    np.save(directory / OFFSETS_FILE, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype("<i8"))
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+             for name in (TOKENS_FILE, OFFSETS_FILE)}
+    (directory / MANIFEST_FILE).write_text(json.dumps(
+        {"format": TOKEN_CACHE_FORMAT, "documents": len(lengths), "tokens": sum(lengths), "files": files}, indent=1))
+
+
+def _npy_header(dtype: np.dtype, length: int) -> bytes:
+    """The .npy header of a 1-D array; NumPy pads it to a fixed size (128 bytes for any length), which
+    lets the data be streamed before the length is known."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": dtype.str, "fortran_order": False, "shape": (length,)})
+    if header.tell() != 128:
+        raise AssertionError(f"unexpected .npy header size {header.tell()}")
+    return header.getvalue()
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +511,7 @@ def training_batches(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, 
     """
     if len(docs) < process_count:
         raise DataError(f"{len(docs)} training documents cannot be shared by {process_count} processes")
-    documents = (grain.MapDataset.source(list(docs))[process_index::process_count]
+    documents = (grain.MapDataset.source(docs)[process_index::process_count]
                  .shuffle(seed=seed).repeat(None)
                  .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)))
     return _packed(documents, seq_len).batch(batch_size, drop_remainder=True)
