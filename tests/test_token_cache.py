@@ -3,7 +3,6 @@ train.py --tokenizer with a SentencePiece model and a Hugging Face tokenizer.jso
 
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -16,8 +15,9 @@ import sentencepiece as spm
 from hf_tokenizer import write_hf_tokenizer
 
 import lite.data
+import train as train_module
 from lite.config import get_config
-from lite.data import (DataError, HFTokenizer, TokenizedDocuments, cached_documents, checkpoint_tokenizer,
+from lite.data import (HFTokenizer, TokenizedDocuments, cached_documents, checkpoint_tokenizer,
                        load_tokenizer, train_tokenizer, training_batches, unigram_entropy)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ def sentencepiece_file(workspace):
     return workspace / "brought.model"
 
 
-def test_train_with_a_sentencepiece_file_then_resume_without_it(workspace, sentencepiece_file, tmp_path):
+def test_train_with_a_sentencepiece_file_then_resume_without_it(workspace, sentencepiece_file, tmp_path, capsys):
     """vocab_size=300 (more than the tokenizer's pieces, as a padded embedding) keeps the compiled
     steps the same as the tokenizer.json run's below, which then come from the compile cache."""
     pieces = spm.SentencePieceProcessor(model_file=str(sentencepiece_file)).get_piece_size()
@@ -214,7 +214,7 @@ def test_train_with_a_sentencepiece_file_then_resume_without_it(workspace, sente
     assert code == 0, output
     assert f"tokenizer {pieces} pieces" in output
     run = json.loads((run_dir / "run_config.json").read_text())
-    assert run["tokenizer"] == str(source) and run["model"]["vocab_size"] == 300
+    assert run["tokenizer"] == str(source.resolve()) and run["model"]["vocab_size"] == 300
     for copy in (run_dir / "tokenizer.model", run_dir / "model" / "tokenizer.model"):
         assert copy.read_bytes() == source.read_bytes()
     assert not (run_dir / "tokenizer.json").exists()
@@ -229,8 +229,11 @@ def test_train_with_a_sentencepiece_file_then_resume_without_it(workspace, sente
     assert "resumed" in output and f"tokenizer {pieces} pieces" in output
     assert entry_files(cache) == written  # the same entries, not written again
 
-    code, output = train(workspace, run_dir, "--tokenizer", str(sentencepiece_file))
-    assert code == 2 and f"--tokenizer (run: {source})" in output
+    refused = [*RUN, "--data", str(workspace / "corpus.txt"), "--run-dir", str(run_dir), "--tokenizer",
+               str(sentencepiece_file)]
+    assert train_module.main(refused) == 2
+    err = capsys.readouterr().err
+    assert f"--tokenizer (run: {source.resolve()})" in err and err.count("\n") == 1, err
 
 
 def test_train_with_a_tokenizer_json_takes_its_vocabulary_and_serves_from_its_copy(workspace, tmp_path):
@@ -261,8 +264,6 @@ def unconfigured_hf(tmp_path):
 
 def test_bad_tokenizer_arguments_are_one_line_errors(workspace, sentencepiece_file, unconfigured_hf, tmp_path,
                                                     capsys):
-    import train as train_module
-
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"not a model")
     for extra, message in (
