@@ -12,6 +12,7 @@ Run directory (default runs/<preset>): run_config.json (model + training config,
 data), the tokenizer (tokenizer.model, or the tokenizer.json of --tokenizer or --init-from), checkpoints/ (orbax:
 state + data iterator, async, last k kept), model/ (the latest weights for serving: lite.checkpoint.load_model),
 metrics.jsonl, loss.png, expert_load.png. A run directory that holds a checkpoint is resumed (--no-resume refuses).
+The corpus is tokenised once into --cache-dir/tokens/ and memory-mapped by later starts and resumes (lite/data.py).
 
 Faults: one train.py per run directory (a lock; a second one refuses). Every checkpoint records the
 sha256 of its files; a resume verifies them and continues from the newest intact checkpoint (a bad
