@@ -103,7 +103,8 @@ def test_another_corpus_tokenizer_or_special_id_gets_another_entry(sp, hf_dir, t
     assert len(set(keys)) == len(variants)
     assert len(list((tmp_path / "cache" / "tokens").glob("*/manifest.json"))) == len(variants)
     # Loaded again from its file, the same tokenizer finds its entry.
-    assert cached_documents(HFTokenizer.from_files(hf_dir / "tokenizer.json"), TEXTS, cfg, tmp_path / "cache").key == keys[5]
+    reloaded = HFTokenizer.from_files(hf_dir / "tokenizer.json")
+    assert cached_documents(reloaded, TEXTS, cfg, tmp_path / "cache").key == keys[5]
 
 
 @pytest.mark.parametrize("damage", ["truncate tokens", "flip a token", "truncate offsets", "drop the manifest"])
@@ -195,7 +196,7 @@ def train(workspace, run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def sentencepiece_file(workspace):
-    """A SentencePiece BPE model trained here with sentencepiece itself (BOS 1, EOS 2), 144 pieces."""
+    """A SentencePiece BPE model trained here with sentencepiece itself (BOS 1, EOS 2; fewer than 200 pieces)."""
     texts = (workspace / "corpus.txt").read_text().split("\n\n")
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(workspace / "brought"),
                                    vocab_size=200, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
@@ -229,8 +230,8 @@ def test_train_with_a_sentencepiece_file_then_resume_without_it(workspace, sente
     assert "resumed" in output and f"tokenizer {pieces} pieces" in output
     assert entry_files(cache) == written  # the same entries, not written again
 
-    refused = [*RUN, "--data", str(workspace / "corpus.txt"), "--run-dir", str(run_dir), "--tokenizer",
-               str(sentencepiece_file)]
+    refused = [*RUN, "--data", str(workspace / "corpus.txt"), "--cache-dir", str(cache), "--run-dir", str(run_dir),
+               "--tokenizer", str(sentencepiece_file)]
     assert train_module.main(refused) == 2
     err = capsys.readouterr().err
     assert f"--tokenizer (run: {source.resolve()})" in err and err.count("\n") == 1, err
@@ -264,6 +265,8 @@ def unconfigured_hf(tmp_path):
 
 def test_bad_tokenizer_arguments_are_one_line_errors(workspace, sentencepiece_file, unconfigured_hf, tmp_path,
                                                     capsys):
+    pieces = spm.SentencePieceProcessor(model_file=str(sentencepiece_file)).get_piece_size()
+    assert pieces > 100
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"not a model")
     for extra, message in (
@@ -272,7 +275,7 @@ def test_bad_tokenizer_arguments_are_one_line_errors(workspace, sentencepiece_fi
             (["--tokenizer", str(unconfigured_hf)], "defines no BOS and no EOS token"),
             (["--tokenizer", str(sentencepiece_file), "--set", "vocab_size=100"],
              "does not fit the --set model settings (leave vocab_size, bos_token_id and eos_token_id unset to take "
-             "the tokenizer's): it has vocab_size 144 (the model has 100)"),
+             f"the tokenizer's): it has vocab_size {pieces} (the model has 100)"),
             (["--tokenizer", str(sentencepiece_file), "--set", "bos_token_id=5"], "bos_token_id 1 (the model has 5)"),
             (["--tokenizer", str(sentencepiece_file), "--init-from", str(tmp_path)], "both name the tokenizer")):
         args = [*RUN, "--data", str(workspace / "corpus.txt"), "--cache-dir", str(tmp_path / "cache"),
