@@ -782,7 +782,8 @@ class MetricsLog:
         if primary:
             write_atomically(path, "".join(json.dumps(r) + "\n" for r in self.rows))
             self.file = open(path, "a")
-            self.board = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=up_to_step + 1 if up_to_step else None)
+            # purge_step: TensorBoard drops the events of earlier files from this step on (a killed run's).
+            self.board = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=up_to_step + 1)
 
     @staticmethod
     def read(path: pathlib.Path, up_to_step: int) -> list[dict]:

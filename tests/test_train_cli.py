@@ -181,6 +181,18 @@ def test_a_finished_run_continues_at_the_schedules_final_learning_rate(first, co
     assert not noise, continued["err"]
 
 
+def test_continuing_needs_more_steps_and_a_learning_rate_left(tmp_path):
+    run = {"train": {**dataclasses.asdict(TrainConfig()), "steps": 0}, "planned_steps": 40}  # planned from minutes
+    assert train.continued(run, None, tmp_path) is run and train.continued(run, 40, tmp_path) is run
+    longer = train.continued(run, 90, tmp_path)
+    assert longer["train"]["steps"] == 90 and longer["planned_steps"] == 40 and run["train"]["steps"] == 0
+    with pytest.raises(train.RunError, match="trains to step 40; a run can be continued for more steps, not shortened"):
+        train.continued(run, 39, tmp_path)
+    no_floor = {**run, "train": {**run["train"], "min_learning_rate_ratio": 0.0}}
+    with pytest.raises(train.RunError, match="ends its schedule at learning rate 0"):
+        train.continued(no_floor, 90, tmp_path)
+
+
 def test_a_run_cannot_be_shortened_and_overwrite_starts_afresh(workspace, continued):
     run_dir = workspace / "run"
     code, out, err = run_train(workspace, "--set", "steps=5")
