@@ -399,8 +399,10 @@ def format_changes(run: dict) -> str:
     changes = [f"  {key} = {value!r}" for section in ("model", "train") for key, value in run[section].items()
                if key not in defaults[section] or defaults[section][key] != value]
     source = f"the checkpoint {run['init_from']}" if run.get("init_from") else f"preset {run['preset']}"
-    return "\n".join([f"{source}; data {run['data']}; settings other than its and the training defaults "
-                      f"(all of them: {RUN_CONFIG_FILE}, or --print-config):", *(changes or ["  none"])])
+    return "\n".join([f"{source}; data {run['data']}",
+                      f"settings that differ from the {'checkpoint' if run.get('init_from') else 'preset'}'s and the "
+                      f"training defaults (every setting: {RUN_CONFIG_FILE}, or --print-config):",
+                      *(changes or ["  none"])])
 
 
 def base_model_config(run: dict) -> ModelConfig | None:
@@ -731,7 +733,7 @@ def plan_steps(session: Session, state: TrainState) -> StepPlan:
 
 
 def describe_plan(plan: StepPlan, start_step: int, tcfg: TrainConfig) -> str:
-    line = f"steps {start_step + 1}..{plan.last}" if start_step < plan.last else f"all {plan.last} steps done"
+    line = f"training steps {start_step + 1}..{plan.last}" if start_step < plan.last else f"all {plan.last} steps done"
     if plan.last > plan.schedule:
         line += (f" (continued: the learning-rate schedule spans the {plan.schedule} planned steps, steps after "
                  f"{plan.schedule} run at its final learning rate {tcfg.learning_rate * tcfg.min_learning_rate_ratio:g})")

@@ -143,7 +143,7 @@ def test_tensorboard_events_hold_every_logged_scalar(first):
 def test_output_names_changes_compiling_samples_and_the_entropy_gap(workspace, first):
     out = first["out"]
     assert out.index("compiling the training and validation steps") < out.index("step 1/4")
-    changes = out[out.index("settings other than"): out.index("compiling")]
+    changes = out[out.index("settings that differ from the preset's"): out.index("compiling")]
     for line in ("  batch_size = 4", "  seq_len = 32", "  steps = 4", "  sample_tokens = 4"):
         assert line in changes
     assert "hidden_size" not in changes and "learning_rate" not in changes  # the preset's and the defaults
