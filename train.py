@@ -718,7 +718,7 @@ def plan_steps(session: Session, state: TrainState) -> StepPlan:
     steps, data, tcfg = session.steps, session.data, session.settings.tcfg
     probe = steps.to_device(data.val_tokens[: steps.local_batch], data.val_segments[: steps.local_batch])
     planned = session.settings.config.get("planned_steps") or tcfg.steps
-    session.say("compiling the training and validation steps (the compilation cache makes the next start faster) ...")
+    session.say("compiling the training and validation steps (cached for the next start) ...")
     compile_s = compile_steps(steps, state, probe, max(planned, 1))
     if planned:
         session.say(f"compiled in {compile_s:.0f} s")
@@ -1105,6 +1105,7 @@ def train(args: argparse.Namespace, signals: Signals) -> None:
         say(data.summary())
         say(format_changes(settings.config))
 
+        say("compiling and running the model's initialization ...")
         graphdef, state, tx = init_state(cfg, tcfg, mesh)
         checkpoints = Checkpoints(settings.directory, tcfg, graphdef, primary, warn)
         try:
