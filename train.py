@@ -24,10 +24,10 @@ same as a run planned for N steps from the start, whose cosine would decay over 
 
 Faults: one train.py per run directory (a lock; a second one refuses). Every checkpoint records the
 sha256 of its files; a resume verifies them and continues from the newest intact checkpoint (a bad
-one is moved to corrupt_checkpoints/, never deleted). A non-finite loss or gradient norm stops the
-run before that state is saved. Ctrl-C or SIGTERM (a preemption) saves a checkpoint at the current
-step and exits with status 128 + the signal number; the same command resumes. A resumed run refuses
-a corpus that changed since the run started.
+one is moved to corrupt_checkpoints/, deleted only by --overwrite). A non-finite loss or gradient
+norm stops the run before that state is saved. Ctrl-C or SIGTERM (a preemption) saves a checkpoint
+at the current step and exits with status 128 + the signal number; the same command resumes. A
+resumed run refuses a corpus that changed since the run started.
 """
 
 from __future__ import annotations
