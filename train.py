@@ -735,8 +735,9 @@ def plan_steps(session: Session, state: TrainState) -> StepPlan:
 def describe_plan(plan: StepPlan, start_step: int, tcfg: TrainConfig) -> str:
     line = f"training steps {start_step + 1}..{plan.last}" if start_step < plan.last else f"all {plan.last} steps done"
     if plan.last > plan.schedule:
+        final_lr = tcfg.learning_rate * tcfg.min_learning_rate_ratio
         line += (f" (continued: the learning-rate schedule spans the {plan.schedule} planned steps, steps after "
-                 f"{plan.schedule} run at its final learning rate {tcfg.learning_rate * tcfg.min_learning_rate_ratio:g})")
+                 f"{plan.schedule} run at its final learning rate {final_lr:g})")
     return line
 
 

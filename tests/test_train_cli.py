@@ -242,7 +242,7 @@ def test_print_config_lists_every_setting_and_runs_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     printed = dict(re.findall(r"^  (\w+) = (.*)$", out, re.M))
     tiny = dataclasses.asdict(PRESETS["tiny"])
-    assert set(printed) == {f.name for f in dataclasses.fields(ModelConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(printed) == {f.name for config in (ModelConfig, TrainConfig) for f in dataclasses.fields(config)}
     assert printed["hidden_size"] == "32" and printed["steps"] == "7"
     assert printed["num_layers"] == repr(tiny["num_layers"]) and printed["learning_rate"] == repr(PEAK_LR)
     assert not run_dir.exists()
