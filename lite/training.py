@@ -125,7 +125,8 @@ def parse_overrides(items: list[str], model_cfg: ModelConfig, train_cfg: TrainCo
 # Optimizer.
 
 def learning_rate(step: jax.Array, total_steps: jax.Array, tcfg: TrainConfig) -> jax.Array:
-    """Linear warmup from 0 to the peak over warmup_ratio * total steps, then cosine to peak * min ratio."""
+    """Linear warmup from 0 to the peak over warmup_ratio * total steps, then cosine to peak * min ratio,
+    held there after total_steps (the added steps of a run continued past its plan)."""
     step = jnp.asarray(step, jnp.float32)
     total = jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0)
     warmup = jnp.maximum(jnp.round(tcfg.warmup_ratio * total), 1.0)
