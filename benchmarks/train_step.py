@@ -176,7 +176,7 @@ def main() -> None:
                   f"{best[theirs]:>10,.0f}")
             print(f"{'ratio':<52}{best[ours] / best[theirs]:>9.2f}x")
     if not args.skip_ngram:
-        print(f"\nN-gram embedding cost at equal activated parameters, 4 documents per row")
+        print("\nN-gram embedding cost at equal activated parameters, 4 documents per row")
         print(f"{'variant':<28}{'total params':>14}{'activated':>12}{'tokens/s':>11}")
         for name, label in (("ngram", "with N-gram embedding"), ("twin", "without (wider dense MLPs)")):
             cfg = variant_config(args.preset, name)

@@ -16,7 +16,6 @@ the checkpoint size (README, "Hugging Face checkpoints"). Outputs are written at
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fnmatch
 import json
 import math

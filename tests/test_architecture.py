@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import pathlib
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = ("pallas_kernels", "sharding", "lite", "entry")  # each may import only the ones before it

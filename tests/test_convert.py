@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from lite import convert
 from lite.checkpoint import CheckpointError, TensorPlan, load_model, write_safetensors
-from lite.config import ConfigError, ModelConfig, YarnScaling, get_config
+from lite.config import ConfigError, YarnScaling, get_config
 from lite import hf as hf_lib
 from lite.hf import is_ignored_hf_key
 

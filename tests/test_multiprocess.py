@@ -51,18 +51,6 @@ def finish(processes: list[subprocess.Popen], timeout: float = 420) -> list[tupl
     return results
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    import random
-
-    root = tmp_path_factory.mktemp("multiprocess")
-    rng = random.Random(0)
-    words = "and the lord spake unto moses saying speak unto the children of israel when any man bring".split()
-    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 40)))
-                                                 for _ in range(80)))
-    return root
-
-
 def train_args(workspace, run_dir):
     # A shared compilation cache: the killed and the resumed run reuse the first run's programs.
     return [*TRAIN, "--data", str(workspace / "corpus.txt"), "--cache-dir", str(workspace / "cache"),
@@ -75,7 +63,7 @@ def metrics(run_dir):
 
 @pytest.fixture(scope="module")
 def straight(workspace):
-    run_dir = workspace / "straight"
+    run_dir = workspace / "two-process-straight"
     results = finish(launch("train.py", *train_args(workspace, run_dir)))
     for code, out, err in results:
         assert code == 0, out[-3000:] + err[-3000:]
@@ -92,7 +80,7 @@ def test_two_processes_train_and_write_everything_once(straight):
 
 def test_killed_process_ends_the_other_then_resume_is_bitwise_identical(workspace, straight):
     want_dir, _ = straight
-    run_dir = workspace / "killed"
+    run_dir = workspace / "two-process-killed"
     processes = launch("train.py", *train_args(workspace, run_dir))
     deadline = time.time() + 300
     while time.time() < deadline:  # after step 3 is logged: the checkpoint of step 2 exists
@@ -124,7 +112,7 @@ def test_serving_on_two_processes_equals_one(straight):
     args = ["--checkpoint", str(run_dir), "--max-new-tokens", "8", "--temperature", "1.0", "--seed", "3",
             "--mesh", "data=2", *prompts]
     [(code, alone, err)] = finish(launch("serve.py", *args, processes=1,
-                                         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+                                         env={"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}))
     assert code == 0, err[-3000:]
     (code0, out0, err0), (code1, out1, err1) = finish(launch("serve.py", *args))
     assert code0 == code1 == 0, err0[-3000:] + err1[-3000:]

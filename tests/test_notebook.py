@@ -22,7 +22,6 @@ NOTEBOOK = ROOT / "notebooks" / "demo.ipynb"
 PRESET = "tiny"
 SMALL_RUN = dict(DEMO_PRESET=PRESET, DEMO_TRAIN_STEPS="8", DEMO_BATCH_SIZE="4", DEMO_SEQ_LEN="64",
                  DEMO_PLOT_EVERY="4", DEMO_SAMPLE_TOKENS="8")
-XLA_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 CELL_TIMEOUT_S = 300  # per cell; the whole notebook takes well under a minute on an idle 2-core CPU
 
 
@@ -37,10 +36,8 @@ def executed(tokenizer_cache) -> dict[str, nbformat.NotebookNode]:
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     env = {**os.environ, **SMALL_RUN, "DEMO_TOKENIZER_CACHE": str(tokenizer_cache), "JAX_PLATFORMS": "cpu",
            # This checkout, not whatever `lite` an installed copy of the project would give.
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           # Compiling is most of a tiny run: unoptimised CPU code compiles in about 60% of the time
-           # (measured: notebook 72 s -> 43 s, the same losses) and 8 tiny steps do not notice.
-           "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"), XLA_FAST_COMPILE]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # XLA_FLAGS comes from os.environ: conftest.py's fast-compile flags (notebook 72 s -> 43 s).
     client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     client.execute(env=env)  # raises CellExecutionError, with the cell and its traceback, if a cell fails

@@ -160,7 +160,7 @@ def test_mesh_decoding_equals_one_device(run_dir):
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
     prompts = ["In the beginning God created", "And the earth"]
 
     def serve_lines(*extra):

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import pathlib
-import random
 import signal
 import subprocess
 import sys
@@ -252,7 +251,7 @@ def test_bad_input_messages(workspace, tmp_path, capsys):
 
 def test_batch_not_divisible_by_data_parallel_size(workspace, tmp_path):
     process = run_train(workspace, tmp_path / "run", "--mesh", "data=2,expert=1", "--set", "batch_size=3",
-                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                        env={"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"})
     code, output = finish(process)
     assert code == 2 and "batch_size=3 is not divisible by the data-parallel size 2" in output
 

@@ -8,7 +8,6 @@ compilation cache); the rest runs in this process without training.
 import dataclasses
 import json
 import pathlib
-import random
 import re
 import struct
 import subprocess
@@ -30,21 +29,10 @@ BATCH_TOKENS = 4 * 32
 PEAK_LR, MIN_LR_RATIO = TrainConfig().learning_rate, TrainConfig().min_learning_rate_ratio
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """corpus.txt: 60 short documents of KJV-like words separated by blank lines."""
-    root = tmp_path_factory.mktemp("cli")
-    rng = random.Random(1)
-    words = "and the lord spake unto moses saying speak unto the children of israel when any man bring".split()
-    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 30)))
-                                                 for _ in range(60)))
-    return root
-
-
 def run_train(workspace, *extra):
     """(exit status, stdout, stderr) of python train.py on the workspace's corpus, in workspace/run."""
     command = [sys.executable, str(ROOT / "train.py"), *SETTINGS, "--data", str(workspace / "corpus.txt"),
-               "--cache-dir", str(workspace / "cache"), "--run-dir", str(workspace / "run"), *extra]
+               "--cache-dir", str(workspace / "cache"), "--run-dir", str(workspace / "cli-run"), *extra]
     done = subprocess.run(command, cwd=workspace, capture_output=True, text=True, timeout=300)
     return done.returncode, done.stdout, done.stderr
 
@@ -98,7 +86,7 @@ def first(workspace):
     began = time.time()
     code, out, err = run_train(workspace, "--set", "steps=4")
     assert code == 0, out + err
-    run_dir = workspace / "run"
+    run_dir = workspace / "cli-run"
     return dict(out=out, began=began, ended=time.time(), rows=strict_rows(run_dir),
                 events=read_events(run_dir / "tensorboard"), samples=(run_dir / "samples.txt").read_text())
 
@@ -107,7 +95,7 @@ def first(workspace):
 def continued(workspace, first):
     code, out, err = run_train(workspace, "--set", "steps=6")
     assert code == 0, out + err
-    run_dir = workspace / "run"
+    run_dir = workspace / "cli-run"
     return dict(out=out, err=err, rows=strict_rows(run_dir), events=read_events(run_dir / "tensorboard"),
                 config=json.loads((run_dir / "run_config.json").read_text()))
 
@@ -195,7 +183,7 @@ def test_continuing_needs_more_steps_and_a_learning_rate_left(tmp_path):
 
 
 def test_a_run_cannot_be_shortened_and_overwrite_starts_afresh(workspace, continued, capsys):
-    run_dir = workspace / "run"
+    run_dir = workspace / "cli-run"
     assert train.main([*SETTINGS, "--set", "steps=5", "--data", str(workspace / "corpus.txt"), "--cache-dir",
                        str(workspace / "cache"), "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
