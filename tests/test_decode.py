@@ -108,8 +108,9 @@ def test_greedy_batch_equals_naive_loop_and_each_row_alone():
     want = [naive_greedy(forward, p, 8, cfg) for p in prompts]
     assert [(c.token_ids, c.stop_reason) for c in batch] == want
     assert [c.stop_reason for c in batch] == ["eos", "max_new_tokens", "context_window"]
-    alone = generator.generate([prompts[1]], 8)[0][0]
-    assert alone.token_ids == batch[1].token_ids
+    # Alone, the row near the context window is the only one: it still stops for the window.
+    alone = generator.generate([prompts[2]], 8)[0][0]
+    assert (alone.token_ids, alone.stop_reason) == (batch[2].token_ids, "context_window")
     assert stats.prefill_tokens == sum(map(len, prompts))
     # Tokens from decode steps: everything sampled (EOS included) but each row's first token.
     assert stats.decode_tokens == sum(len(c.token_ids) + (c.stop_reason == "eos") - 1 for c in batch)
@@ -141,6 +142,24 @@ def test_seeded_sampling_is_reproducible():
     assert runs[0] != runs[2]
 
 
+def test_each_row_has_its_own_settings_and_the_batch_does_not_change_it():
+    """One batch: two sampled rows with their own filters and seeds, a greedy row with its own
+    max_new_tokens. A sampled row decoded alone, with its seed, gives the same tokens; the greedy row
+    equals the naive loop; an int seed s gives row i the seed s + i."""
+    cfg, forward, prompts, generator, _ = eos_setup()
+    settings = [Sampling(temperature=1.5, top_k=50), Sampling(temperature=1.0, top_p=0.9), Sampling()]
+    batch, _ = generator.generate(prompts, [8, 8, 3], settings, seed=[11, 12, 0])
+    for row, seed in ((0, 11), (1, 12)):  # alone: one more bucket (batch 1, prompts up to 16 tokens)
+        alone, _ = generator.generate([prompts[row]], 8, settings[row], seed=[seed])
+        assert (alone[0].token_ids, alone[0].stop_reason) == (batch[row].token_ids, batch[row].stop_reason)
+    assert batch[0].token_ids != batch[1].token_ids
+    assert (batch[2].token_ids, batch[2].stop_reason) == naive_greedy(forward, prompts[2], 3, cfg)
+    shared, _ = generator.generate(prompts, 8, settings[1], seed=11)
+    assert shared[1].token_ids == batch[1].token_ids
+    with pytest.raises(DecodeError, match="max_new_tokens has 2 values for 3 prompts"):
+        generator.generate(prompts, [3, 8], settings)
+
+
 def numpy_keep(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     """bool[V]: the tokens top-k then top-p sampling may pick, by sorting in NumPy."""
     order = np.argsort(-logits, kind="stable")
@@ -167,16 +186,33 @@ def test_filter_logits_keeps_what_numpy_keeps(top_k, top_p):
         np.testing.assert_array_equal(out[keep], row[keep])
 
 
+def test_filter_logits_per_row_settings():
+    """Each row of one batch filtered with its own top_k / top_p, as NumPy filters it alone."""
+    settings = [(0, 1.0), (1, 1.0), (5, 1.0), (0, 0.5), (7, 0.3), (3, 0.999), (100, 0.9), (2, 0.1)]
+    logits = np.random.default_rng(1).normal(0, 2, (len(settings), 60)).astype(np.float32)
+    top_k, top_p = (np.array(column) for column in zip(*settings))
+    got = np.asarray(decode.filter_logits(jnp.asarray(logits), jnp.asarray(top_k, jnp.int32),
+                                          jnp.asarray(top_p, jnp.float32)))
+    for row, out, (k, p) in zip(logits, got, settings):
+        keep = numpy_keep(row, k, p)
+        np.testing.assert_array_equal(np.isfinite(out), keep, err_msg=f"top_k {k}, top_p {p}")
+        np.testing.assert_array_equal(out[keep], row[keep])
+
+
 def test_sampling_frequencies_follow_the_filtered_distribution():
-    logits = jnp.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
-    sampling = Sampling(temperature=2.0, top_k=4, top_p=1.0)
-    draws = np.asarray(jax.vmap(lambda k: decode.sample(logits, k, sampling)[0])(
-        jax.random.split(jax.random.key(0), 20000)))
+    """Row 0 samples at temperature 2 from its top 4; row 1, in the same batch, is greedy."""
+    logits = jnp.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]] * 2)
+    keys = jax.random.key_data(jax.random.split(jax.random.key(0), 20000))
+    rows = lambda key: decode.RowSampling(jnp.asarray([2.0, 0.0]), jnp.asarray([4, 0]),  # noqa: E731
+                                          jnp.asarray([1.0, 0.5]), jnp.stack([key, key]))
+    draws = np.asarray(jax.vmap(lambda key: decode.sample(logits, rows(key), jnp.int32(0),
+                                                          decode.SamplingMode(True, True)))(keys))
     probs = np.exp(np.array([2.0, 1.5, 1.0, 0.5]) / 2.0)
     probs /= probs.sum()
-    counts = np.bincount(draws, minlength=6) / draws.size
+    counts = np.bincount(draws[:, 0], minlength=6) / len(draws)
     np.testing.assert_allclose(counts[:4], probs, atol=0.015)
     assert counts[4:].sum() == 0
+    assert (draws[:, 1] == 0).all()
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -11,9 +11,12 @@ import sentencepiece as spm
 from flax import nnx
 
 import serve
+from hf_tokenizer import write_hf_tokenizer
 from lite import convert
-from lite.checkpoint import WEIGHTS_FILE, save_model
+from lite.checkpoint import WEIGHTS_FILE, load_model, save_model
 from lite.config import get_config
+from lite.data import load_tokenizer
+from lite.decode import Generator, completion_text
 from lite.model import LongcatModel
 
 CFG = get_config("tiny", initializer_range=0.1)
@@ -61,9 +64,12 @@ def test_generates_one_line_per_prompt_and_a_summary(run_dir):
         assert line["prompt"] == prompt
         assert line["num_tokens"] == len(line["token_ids"]) > 0
         assert all(0 <= t < PIECES and t != CFG.eos_token_id for t in line["token_ids"])  # never undecodable
-        assert line["completion"] == tokenizer.decode(line["token_ids"])
+        # The completion continues the prompt's text: its first token's leading space is kept.
+        assert prompt + line["completion"] == tokenizer.decode(tokenizer.encode(prompt) + line["token_ids"])
+        assert line["prompt_tokens"] == 1 + len(tokenizer.encode(prompt))
         assert line["stop_reason"] in ("eos", "max_new_tokens")
         assert line["stop_reason"] == "eos" or line["num_tokens"] == 12
+        assert line["finish_reason"] == {"eos": "stop", "max_new_tokens": "length"}[line["stop_reason"]]
     summary = lines[2]["summary"]
     assert summary["prompts"] == 2
     assert summary["prefill_tokens"] == sum(1 + len(tokenizer.encode(p)) for p in prompts)  # [BOS] + text
@@ -78,8 +84,11 @@ def test_generates_one_line_per_prompt_and_a_summary(run_dir):
     assert again[0]["stop_reason"] == "stop_string"
     assert again[0]["completion"] == text[: text.index(stop)]
     assert again[0]["token_ids"] == lines[0]["token_ids"][: len(again[0]["token_ids"])]
-    assert stop in tokenizer.decode(again[0]["token_ids"])
-    assert stop not in tokenizer.decode(again[0]["token_ids"][:-1])
+    assert again[0]["finish_reason"] == "stop"
+    context = tokenizer.encode(prompts[0])
+    text_of = lambda ids: tokenizer.decode(context + ids)[len(prompts[0]):]  # noqa: E731
+    assert stop in text_of(again[0]["token_ids"])
+    assert stop not in text_of(again[0]["token_ids"][:-1])
 
 
 def test_prompt_sources(tmp_path):
@@ -184,7 +193,6 @@ def test_hf_checkpoint_with_tokenizer_json_serves(run_dir, tmp_path):
     """An HF checkpoint (torch layout, tokenizer.json + tokenizer_config.json, no tokenizer.model)
     decodes the same tokens as our directory of the same weights; text comes from the tokenizers package."""
     import tokenizers
-    from hf_tokenizer import write_hf_tokenizer
 
     hf_dir, ours = tmp_path / "hf", tmp_path / "ours"
     convert.to_hf(run_dir / "model", hf_dir)
@@ -201,7 +209,8 @@ def test_hf_checkpoint_with_tokenizer_json_serves(run_dir, tmp_path):
     assert [line["token_ids"] for line in got[:2]] == [line["token_ids"] for line in want[:2]]
     reference = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
     for prompt, line in zip(prompts, got):
-        assert line["completion"] == reference.decode(line["token_ids"], skip_special_tokens=True)
+        prompt_ids = reference.encode(prompt, add_special_tokens=False).ids
+        assert prompt + line["completion"] == reference.decode(prompt_ids + line["token_ids"])
     assert got[-1]["summary"]["prefill_tokens"] == sum(
         1 + len(reference.encode(p, add_special_tokens=False).ids) for p in prompts)  # one [BOS], added by id
 
@@ -210,3 +219,131 @@ def test_bad_mesh_is_one_clear_error(run_dir, capsys):
     with pytest.raises(SystemExit, match=r"mesh \{'data': 3\} needs 3 devices, but 1 are available"):
         serve.main(["--checkpoint", str(run_dir), "--mesh", "data=3", "hello"])
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf metaspace", "hf byte-level"])
+def test_completion_text_continues_the_prompt(run_dir, tmp_path, kind):
+    """prompt text + completion text = the text of all the ids, wherever the prompt ends; decoding the
+    new ids alone drops the first one's leading space with SentencePiece-style pieces."""
+    if kind == "sentencepiece":
+        tokenizer = load_tokenizer(run_dir / "model" / "tokenizer.model")
+    else:
+        write_hf_tokenizer(tmp_path, kjv_verses(300), PIECES, metaspace=kind == "hf metaspace")
+        tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
+    spaces_dropped = 0
+    for verse in kjv_verses(30)[20:]:
+        ids = tokenizer.encode(verse)
+        for cut in (1, len(ids) // 2, len(ids) - 1):
+            text = completion_text(tokenizer.decode, [CFG.bos_token_id, *ids[:cut]], ids[cut:])
+            assert tokenizer.decode(ids[:cut]) + text == tokenizer.decode(ids)
+            spaces_dropped += tokenizer.decode(ids[cut:]) != text
+    assert spaces_dropped > 0 if kind != "hf byte-level" else spaces_dropped == 0
+
+
+def write_requests(path: pathlib.Path, requests: list) -> pathlib.Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in requests))
+    return path
+
+
+def test_jsonl_requests_round_trip_in_bounded_streamed_batches(run_dir, tmp_path, capsys, monkeypatch):
+    """Five requests (and a blank line) in batches of 2, 2 and 1: one result per request, in input
+    order, with its id; each batch's rows are in the file before the next batch starts; the summary
+    goes to stderr. Greedy rows equal the library's greedy decoding of their prompts, cut at each
+    request's max_new_tokens or stop string; the same sampled request with the same seed gives the
+    same tokens in two different batches."""
+    tokenizer = load_tokenizer(run_dir / "model" / "tokenizer.model")
+    prompts = ["And the earth was", "And God said, Let there be", "And God saw the light"]
+    encoded = [tokenizer.encode(p) for p in prompts]
+    generator = Generator(load_model(run_dir / "model"), vocab_limit=PIECES)
+    greedy, _ = generator.generate([[CFG.bos_token_id, *ids] for ids in encoded], 5, detokenize=tokenizer.decode)
+    text = greedy[1].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip(), text
+
+    sampled = dict(prompt="In the beginning God created", temperature=1.0, top_k=40, seed=5, max_new_tokens=5)
+    requests = [dict(id="a", **sampled), dict(id=7, prompt=prompts[0], max_new_tokens=3),
+                dict(id="c", prompt=prompts[1], max_new_tokens=5, stop=stop), dict(id="d", **sampled), "",
+                dict(id="1", prompt=prompts[2], stop=["\u00a7", "STOP"])]
+    path = write_requests(tmp_path / "requests.jsonl", requests)
+    output = tmp_path / "results.jsonl"
+    batch_sizes, original = [], serve.generate
+
+    def generate_after_checking_the_file(generator, batch, tok):
+        written = output.read_text().splitlines() if output.exists() else []
+        assert len(written) == sum(batch_sizes)  # every finished batch is already in the file
+        batch_sizes.append(len(batch))
+        return original(generator, batch, tok)
+
+    monkeypatch.setattr(serve, "generate", generate_after_checking_the_file)
+    serve.main(["--checkpoint", str(run_dir), "--input", str(path), "--output", str(output), "--batch-size", "2",
+                "--max-new-tokens", "4"])
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert batch_sizes == [2, 2, 1]
+    assert [row["id"] for row in rows] == ["a", 7, "c", "d", "1"]
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])["summary"]
+    assert summary["prompts"] == 5 and summary["decode_tokens"] > 0
+    assert "summary" not in output.read_text()
+
+    by_id = {row["id"]: row for row in rows}
+    for request_id, ids, want, max_new in ((7, encoded[0], greedy[0], 3), ("1", encoded[2], greedy[2], 4)):
+        row = by_id[request_id]
+        assert row["token_ids"] == want.token_ids[:max_new], request_id
+        assert row["finish_reason"] == ("length" if len(want.token_ids) >= max_new else "stop")
+        assert row["num_tokens"] == len(row["token_ids"]) and row["prompt_tokens"] == 1 + len(ids)
+        assert prompts[encoded.index(ids)] + row["completion"] == tokenizer.decode(ids + row["token_ids"])
+    row = by_id["c"]
+    assert (row["completion"], row["finish_reason"], row["stop_reason"]) == (text[: text.index(stop)], "stop",
+                                                                             "stop_string")
+    assert row["token_ids"] == greedy[1].token_ids[: row["num_tokens"]]
+    assert by_id["a"]["token_ids"] == by_id["d"]["token_ids"] and by_id["a"]["completion"] == by_id["d"]["completion"]
+
+
+GOOD = {"id": "x", "prompt": "In the beginning"}
+
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"id": "x", "prompt": "hi"', ], r"line 1 of .*requests.jsonl is not valid JSON: Expecting ',' delimiter"),
+    ([GOOD, "[1, 2]"], r"line 2 of .*: a request is a JSON object, got list"),
+    ([{"id": "x"}], r"line 1 of .*: the request has no 'prompt'"),
+    ([{"prompt": "hi"}], r"line 1 of .*: the request has no 'id'"),
+    ([{"id": 1.5, "prompt": "hi"}], "id must be a string or an integer, got 1.5"),
+    ([{"id": "x", "prompt": "  "}], "prompt must be a non-empty string"),
+    ([{"id": "x", "prompt": "hi", "max_tokens": 5}], r"unknown field\(s\) \['max_tokens'\] \('max_tokens': did you "
+                                                     r"mean 'max_new_tokens'\?\)"),
+    ([{**GOOD, "max_new_tokens": 0}], "max_new_tokens must be an integer >= 1, got 0"),
+    ([{**GOOD, "max_new_tokens": True}], "max_new_tokens must be an integer >= 1, got True"),
+    ([{**GOOD, "temperature": -1}], r"line 1 of .*: temperature must be >= 0"),
+    ([{**GOOD, "top_p": 0}], r"top_p must lie in \(0, 1\]"),
+    ([{**GOOD, "top_k": 2.5}], "top_k must be an integer >= 0"),
+    ([{**GOOD, "stop": ["", "x"]}], "stop must be a non-empty string or a list of them"),
+    ([{**GOOD, "stop": 3}], "stop must be a non-empty string or a list of them, got 3"),
+    ([{**GOOD, "seed": -1}], r"seed must be an integer in \[0, 2\^63\), got -1"),
+    ([GOOD, "", {**GOOD, "prompt": "other"}], r"line 3 of .*: id 'x' is already the id of line 1"),
+    ([{"id": "x", "prompt": "In the beginning " * 1500}],
+     r"line 1 of .*: the prompt is \d+ tokens long; the context window is 4096 tokens"),
+    (["", " "], r"no requests in .*requests.jsonl: every line is blank"),
+])
+def test_bad_request_lines_are_one_clear_error(run_dir, tmp_path, capsys, lines, message):
+    path = write_requests(tmp_path / "requests.jsonl", lines)
+    with pytest.raises(SystemExit, match=message):
+        serve.main(["--checkpoint", str(run_dir), "--input", str(path), "--output", str(tmp_path / "out.jsonl")])
+    assert capsys.readouterr().out == "" and not (tmp_path / "out.jsonl").exists()
+
+
+def test_bad_jsonl_arguments(run_dir, tmp_path, capsys):
+    path = write_requests(tmp_path / "requests.jsonl", [GOOD])
+    (tmp_path / "bad.jsonl").write_bytes(b'{"id": "x", "prompt": "hi"}\n{"id": "y", "prompt": "\xc3\x28"}\n')
+    checkpoint = ["--checkpoint", str(run_dir)]
+    for argv, message in [
+        (["--input", str(path), "hello"], "give either --input FILE .* or prompts, not both"),
+        (["--output", str(tmp_path / "out.jsonl"), "hello"], "--output goes with --input FILE"),
+        (["--input", str(tmp_path / "missing.jsonl")], "input file .*missing.jsonl does not exist"),
+        (["--input", str(path), "--output", str(path)], "--output .*requests.jsonl is the input file"),
+        (["--input", str(path), "--output", str(tmp_path / "no" / "out.jsonl")], "directory .*no does not exist"),
+        (["--input", str(path), "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--input", str(tmp_path / "bad.jsonl")], r"line 2 of .*bad.jsonl is not UTF-8 text: byte 23"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            serve.main([*checkpoint, *argv])
+        assert capsys.readouterr().out == ""
+    assert path.read_text() == json.dumps(GOOD) + "\n"
