@@ -188,15 +188,15 @@ def loss_and_gradient(cfg):
     return np.asarray(loss), jax.tree.map(np.asarray, grads), compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("num_layers", [2, UNROLL_MAX_LAYERS + 1])  # the unrolled and the looped scan
-def test_remat_gives_the_loss_and_gradients_of_keeping_every_activation(num_layers):
+# The unrolled scan with the "dots" policy, the looped scan with "full" (the default).
+@pytest.mark.parametrize("num_layers, remat", [(2, "dots"), (UNROLL_MAX_LAYERS + 1, "full")])
+def test_remat_gives_the_loss_and_gradients_of_keeping_every_activation(num_layers, remat):
     """The rematerialised backward recomputes the same operations on the same inputs: bitwise equal
     on CPU, where XLA compiles the recomputation with the forward's own kernels and order."""
     cfg = CFG.replace(num_layers=num_layers)
     loss, grads, kept = loss_and_gradient(cfg.replace(remat="none"))
-    for remat in ("full", "dots"):
-        loss_r, grads_r, temporaries = loss_and_gradient(cfg.replace(remat=remat))
-        np.testing.assert_array_equal(loss_r, loss)
-        jax.tree.map(np.testing.assert_array_equal, grads_r, grads)
-        if remat == "full":  # keeps only each layer's input ("dots" at these sizes: about as much as "none")
-            assert temporaries < kept, (temporaries, kept)
+    loss_r, grads_r, temporaries = loss_and_gradient(cfg.replace(remat=remat))
+    np.testing.assert_array_equal(loss_r, loss)
+    jax.tree.map(np.testing.assert_array_equal, grads_r, grads)
+    if remat == "full":  # keeps only each layer's input ("dots" at these sizes: about as much as "none")
+        assert temporaries < kept, (temporaries, kept)
