@@ -16,6 +16,7 @@ import jax.numpy as jnp
 AMPLIFICATION_MODES = ("none", "sqrt_d", "layernorm")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_DISPATCHES = ("auto", "capacity", "ragged")  # meanings: sharding/expert_parallel.py
+REMAT_POLICIES = ("full", "dots", "none")  # meanings: lite/model.py, LongcatModel.scan_layers
 # The model's flat N-gram table has its row count rounded up to a multiple of this: 6144 = 3 x 2^11
 # rows split evenly over any mesh of 2^a or 3 x 2^a devices up to 3072 (a 4x4x8 v5p slice, 3 or 4
 # nodes of 8 GPUs), with an even number of rows per device (bf16 row pairs, the TPU gather) up to
@@ -81,6 +82,10 @@ class ModelConfig:
     expert_dispatch: str = "auto"
     expert_capacity_factor: float = 2.0
     ragged_buffer_factor: float = 0.0
+    # What the backward pass of the scanned layers keeps from the forward (not exported to Hugging
+    # Face configs): "full" keeps each layer's input and recomputes the layer (one more forward),
+    # "dots" also keeps the outputs of XLA's matmuls without batch dimensions, "none" keeps everything.
+    remat: str = "full"
     # N-gram embedding (HF emb_neighbor_num, emb_split_num, ngram_vocab_size_ratio); 0 disables it.
     ngram_n: int = 3
     ngram_k: int = 2
@@ -192,7 +197,7 @@ def _validate(c: ModelConfig) -> None:
                   "router_bias_update_rate", "expert_capacity_factor", "initializer_range"):
         value = getattr(c, field)
         need(_is_number(value) and math.isfinite(value), f"{field} must be a finite number, got {value!r}")
-    for field in ("name", "expert_dispatch", "embedding_amplification", "param_dtype", "compute_dtype"):
+    for field in ("name", "expert_dispatch", "remat", "embedding_amplification", "param_dtype", "compute_dtype"):
         need(isinstance(getattr(c, field), str), f"{field} must be a string, got {getattr(c, field)!r}")
     # A zero or negative epsilon divides by zero on an all-zero row; theta <= 0 gives NaN frequencies.
     need(c.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {c.rms_norm_eps}")
@@ -215,6 +220,7 @@ def _validate(c: ModelConfig) -> None:
          f"expert_dispatch must be one of {EXPERT_DISPATCHES}, got {c.expert_dispatch!r}")
     need(isinstance(c.expert_capacity_factor, (int, float)) and c.expert_capacity_factor > 0,
          f"expert_capacity_factor must be > 0, got {c.expert_capacity_factor!r}")
+    need(c.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {c.remat!r}")
     need(isinstance(c.ragged_buffer_factor, (int, float)) and c.ragged_buffer_factor >= 0,
          f"ragged_buffer_factor must be >= 0 (0: dropless), got {c.ragged_buffer_factor!r}")
     for i, token in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id)):

@@ -233,6 +233,11 @@ def prefill_cache(cfg: ModelConfig, prompts: PackedPrompts, entries: jax.Array, 
 
 # Scans of at most this many layers are unrolled (compile time still small; see `scan_layers`).
 UNROLL_MAX_LAYERS = 4
+# cfg.remat -> what the backward keeps of a layer's forward: "full" nothing but the layer's input
+# (the MaxText default; costs one more forward per step), "dots" also the XLA matmul outputs without
+# batch dimensions (the projections; the Pallas expert matmuls and attention scores are recomputed).
+SAVED_BY_REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 class LongcatModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -290,10 +295,21 @@ class LongcatModel(nnx.Module):
         apply_layer(layer, h) -> (h, what the layer gives back) -> (h [B, L, D], what every layer gave
         back, stacked on a leading [num_layers] axis). Up to UNROLL_MAX_LAYERS layers the loop is
         unrolled: XLA then fuses across layers and keeps the backward's saved activations in place
-        instead of copying them into and out of [num_layers] stacks (demo step on CPU: 1.2-1.5x)."""
+        instead of copying them into and out of [num_layers] stacks (demo step on CPU: 1.2-1.5x).
+
+        Under differentiation the layer is rematerialised by `cfg.remat` (SAVED_BY_REMAT): the
+        backward keeps only what the policy saves and recomputes the rest of the layer. Without it the
+        backward holds every layer's activations at once; LongCat-Flash-Lite at 8192 tokens per GPU
+        keeps 206 GiB of them (README, pod-scale plans)."""
         graphdef, layer_state = nnx.split(self.layers)
-        return jax.lax.scan(lambda h, state: apply_layer(nnx.merge(graphdef, state), h), h, layer_state,
-                            unroll=self.cfg.num_layers <= UNROLL_MAX_LAYERS)
+
+        def body(h, state):
+            return apply_layer(nnx.merge(graphdef, state), h)
+
+        if self.cfg.remat != "none":
+            # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward.
+            body = jax.checkpoint(body, policy=SAVED_BY_REMAT[self.cfg.remat], prevent_cse=False)
+        return jax.lax.scan(body, h, layer_state, unroll=self.cfg.num_layers <= UNROLL_MAX_LAYERS)
 
     def unstack_layers(self) -> list[ShortcutLayer]:
         """self.layers as one module per layer. A decode loop makes them once, before it starts: inside

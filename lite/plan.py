@@ -77,8 +77,19 @@ def compile_train_step(cfg, mesh, batch: int, seq_len: int):
 
 
 def compile_decode_step(cfg, mesh, batch: int, cache_len: int):
-    graphdef, state = nnx.split(abstract_model(cfg))
+    """One `decode_step` with the layers' weights as arguments one layer at a time, as a decode loop
+    holds them (`LongcatModel.unstack_layers`, made once outside the loop). Sliced out of the stacked
+    [num_layers, ...] weights inside the step, every layer's weights would be copied every step (the
+    Pallas expert matmul reads a materialised operand): 17 GiB of temporaries on a v5p-8."""
+    model = abstract_model(cfg)
+    graphdef, stacked, state = nnx.split(model, nnx.PathContains("layers"), ...)
     state = _abstract(state, state_specs(state, mesh), mesh)
+    stacked = _abstract(stacked, state_specs(stacked, mesh), mesh)
+    # The "layers" axis is never split (sharding.rules): a layer is placed as the stack is, less that axis.
+    layer = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=NamedSharding(
+        mesh, P(*leaf.sharding.spec[1:]))), stacked["layers"], is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    layers = [layer] * cfg.num_layers
+    layer_graphdef = nnx.graphdef(model.layers)
     batch_spec = activation_spec("decode_tokens", mesh, (batch,))
     b = batch_spec[0]
     dtype = cfg.jnp_compute_dtype
@@ -93,13 +104,15 @@ def compile_decode_step(cfg, mesh, batch: int, cache_len: int):
         ngram=sds((batch, max(cfg.ngram_n - 1, 0)), jnp.int32, P(b)))
     tokens = sds((batch,), jnp.int32, P(b))
 
-    def step(state, cache, tokens):
-        return nnx.merge(graphdef, state).decode_step(cache, tokens)
+    def step(state, layers, cache, tokens):
+        # The stacked layers stay shapes: the step reads only `layers`.
+        return nnx.merge(graphdef, stacked, state).decode_step(
+            cache, tokens, [nnx.merge(layer_graphdef, layer) for layer in layers])
 
     out_shardings = DecodeOutput(logits=None, cache=jax.tree.map(lambda s: s.sharding, cache))
-    jitted = jax.jit(step, out_shardings=out_shardings, donate_argnums=1)
-    lowered = jitted.lower(state, cache, tokens)
-    parts = {"parameters": per_device_bytes(state, mesh), "decode cache": per_device_bytes(cache, mesh)}
+    jitted = jax.jit(step, out_shardings=out_shardings, donate_argnums=2)
+    lowered = jitted.lower(state, layers, cache, tokens)
+    parts = {"parameters": per_device_bytes((state, layers), mesh), "decode cache": per_device_bytes(cache, mesh)}
     return lowered, parts
 
 

@@ -54,6 +54,7 @@ def test_unknown_field_lists_valid_ones():
     (dict(moe_topk=7), r"moe_topk=7 is larger than the number of experts .*= 6"),
     (dict(embedding_amplification="x2"), "embedding_amplification must be one of"),
     (dict(param_dtype="float8"), "param_dtype must be one of"),
+    (dict(remat="minimal"), r"remat must be one of \('full', 'dots', 'none'\), got 'minimal'"),
     (dict(ngram_n=1), "ngram_n must be 0 .* or >= 2"),
     (dict(eos_token_id=512), r"eos_token_id=512 must lie in \[0, vocab_size=512\)"),
     (dict(qk_rope_head_dim=7), "qk_rope_head_dim must be even"),

@@ -11,7 +11,7 @@ from flax import nnx
 
 from lite.attention import attention_mask
 from lite.config import get_config
-from lite.model import LayerInputs, LongcatModel, next_token_loss, positions_from_segments
+from lite.model import UNROLL_MAX_LAYERS, LayerInputs, LongcatModel, next_token_loss, positions_from_segments
 from lite.moe import RouterBias, target_expert_shares
 from lite.rope import rope_angles
 
@@ -172,3 +172,31 @@ def test_bad_shapes_raise_clear_errors():
         model(jnp.zeros((4,), jnp.int32))
     with pytest.raises(ValueError, match="segment_ids shape"):
         model(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 5), jnp.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def loss_and_gradient(cfg):
+    """(loss, gradient of every parameter, the compiled step's temporary bytes) for a fixed batch."""
+    graphdef, params, rest = nnx.split(LongcatModel(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    tokens = jnp.asarray(random_tokens((4, 16), cfg=cfg))
+
+    def loss_fn(params):
+        return next_token_loss(nnx.merge(graphdef, params, rest)(tokens).logits, tokens)[0]
+
+    compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params).compile()
+    loss, grads = compiled(params)
+    return np.asarray(loss), jax.tree.map(np.asarray, grads), compiled.memory_analysis().temp_size_in_bytes
+
+
+# The unrolled scan with the "dots" policy, the looped scan with "full" (the default).
+@pytest.mark.parametrize("num_layers, remat", [(2, "dots"), (UNROLL_MAX_LAYERS + 1, "full")])
+def test_remat_gives_the_loss_and_gradients_of_keeping_every_activation(num_layers, remat):
+    """The rematerialised backward recomputes the same operations on the same inputs: bitwise equal
+    on CPU, where XLA compiles the recomputation with the forward's own kernels and order."""
+    cfg = CFG.replace(num_layers=num_layers)
+    loss, grads, kept = loss_and_gradient(cfg.replace(remat="none"))
+    loss_r, grads_r, temporaries = loss_and_gradient(cfg.replace(remat=remat))
+    np.testing.assert_array_equal(loss_r, loss)
+    jax.tree.map(np.testing.assert_array_equal, grads_r, grads)
+    if remat == "full":  # keeps only each layer's input ("dots" at these sizes: about as much as "none")
+        assert temporaries < kept, (temporaries, kept)
