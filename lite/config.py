@@ -82,9 +82,10 @@ class ModelConfig:
     expert_dispatch: str = "auto"
     expert_capacity_factor: float = 2.0
     ragged_buffer_factor: float = 0.0
-    # What the backward pass of the scanned layers keeps from the forward (not exported to Hugging
-    # Face configs): "full" keeps each layer's input and recomputes the layer (one more forward),
-    # "dots" also keeps the outputs of XLA's matmuls without batch dimensions, "none" keeps everything.
+    # What the backward pass of the scanned layers keeps from the forward (no Hugging Face field: it
+    # travels in config.json's "lite" key): "full" keeps each layer's input and recomputes the layer
+    # (one more forward), "dots" also keeps the outputs of XLA's matmuls without batch dimensions,
+    # "none" keeps everything.
     remat: str = "full"
     # N-gram embedding (HF emb_neighbor_num, emb_split_num, ngram_vocab_size_ratio); 0 disables it.
     ngram_n: int = 3

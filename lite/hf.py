@@ -24,7 +24,7 @@ ARCHITECTURES = {MODEL_TYPE_PLAIN: "LongcatFlashForCausalLM", MODEL_TYPE_NGRAM: 
 # Our fields with no Hugging Face counterpart travel in config.json under this key, so that
 # ours -> HF -> ours keeps them; `transformers` keeps unknown config keys and ignores them.
 EXTRA_KEY = "lite"
-_EXTRA_FIELDS = ("name", "target_ffn_experts_per_token", "router_bias_update_rate", "compute_dtype")
+_EXTRA_FIELDS = ("name", "target_ffn_experts_per_token", "router_bias_update_rate", "compute_dtype", "remat")
 
 # Checkpoint keys an importer skips: the multi-token-prediction head (not used for inference).
 IGNORED_KEY = re.compile(r"^model\.mtp\.")

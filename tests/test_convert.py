@@ -186,7 +186,8 @@ def test_config_round_trips_through_hf(preset):
     bare = {k: v for k, v in hf.items() if k != "lite"}  # a config written by someone else
     assert hf_lib.config_from_hf(bare).replace(name=cfg.name, compute_dtype=cfg.compute_dtype,
                                                     target_ffn_experts_per_token=cfg.target_ffn_experts_per_token,
-                                                    router_bias_update_rate=cfg.router_bias_update_rate) == cfg
+                                                    router_bias_update_rate=cfg.router_bias_update_rate,
+                                                    remat=cfg.remat) == cfg
 
 
 def test_released_lite_config_shape():
