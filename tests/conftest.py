@@ -14,7 +14,8 @@ import random
 import pytest
 
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), FAST_COMPILE]))
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):  # once, also where pytest-xdist's workers inherit it
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), FAST_COMPILE]))
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,7 @@ def test_sharded_load_and_save_on_8_devices():
 
     root = pathlib.Path(__file__).parent.parent
     env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                            "tests/checkpoint_mesh_cases.py"], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-6000:] + done.stderr[-3000:]
