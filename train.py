@@ -60,7 +60,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-from lite.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_config, load_model, save_model
+from lite.checkpoint import (CheckpointError, config_from_dict, config_to_dict, file_sha256, load_config, load_model,
+                             save_model)
 from lite.config import PRESETS, ConfigError, ModelConfig, get_config
 from lite.data import (TOKENIZER_FILES, Corpus, DataError, FrozenIteratorState, TokenizedDocuments, Tokenizer,
                        cached_documents, check_tokenizer, checkpoint_tokenizer, kjv_corpus, load_corpus, load_tokenizer,
@@ -594,15 +595,8 @@ def latest_checkpoint(directory: pathlib.Path) -> int | None:
 
 def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
     """sha256 of every file of a checkpoint step directory, by path relative to it."""
-    sums = {}
-    for path in sorted(step_dir.rglob("*")):
-        if path.is_file() and path.name != CHECKSUMS_FILE:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-            sums[str(path.relative_to(step_dir))] = digest.hexdigest()
-    return sums
+    return {str(path.relative_to(step_dir)): file_sha256(path) for path in sorted(step_dir.rglob("*"))
+            if path.is_file() and path.name != CHECKSUMS_FILE}
 
 
 def checksum_fault(step_dir: pathlib.Path) -> str | None:

@@ -23,6 +23,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import hashlib
 import json
 import math
 import os
@@ -368,6 +369,15 @@ def save_model(model: LongcatModel, directory: str | os.PathLike, extra_files: d
             plan.write(lambda block: None)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"save_model {directory}")
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    """The sha256 of a file's bytes, read in blocks (checkpoint and token-cache files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

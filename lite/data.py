@@ -49,7 +49,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
-from lite.checkpoint import atomic_directory
+from lite.checkpoint import atomic_directory, file_sha256
 from lite.config import ModelConfig
 
 KJV_VALIDATION_BOOKS = ("Ruth", "Jonah", "Micah", "Philemon", "Jude", "Titus")
@@ -433,7 +433,7 @@ def open_token_cache(entry: pathlib.Path, key: str) -> TokenizedDocuments:
             if size != files[name]["bytes"]:
                 raise DataError(f"token cache {entry / name} holds {size} bytes, its manifest says "
                                 f"{files[name]['bytes']}")
-            if _sha256(entry / name) != files[name]["sha256"]:
+            if file_sha256(entry / name) != files[name]["sha256"]:
                 raise DataError(f"token cache {entry / name} does not match the sha256 in its manifest")
         tokens = np.load(entry / TOKENS_FILE, mmap_mode="r")
         offsets = np.load(entry / OFFSETS_FILE)
@@ -457,7 +457,7 @@ def _write_token_cache(directory: pathlib.Path, tokenizer: Tokenizer, texts: Seq
         out.seek(0)
         out.write(_npy_header(dtype, sum(lengths)))
     np.save(directory / OFFSETS_FILE, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype("<i8"))
-    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
              for name in (TOKENS_FILE, OFFSETS_FILE)}
     (directory / MANIFEST_FILE).write_text(json.dumps(
         {"format": TOKEN_CACHE_FORMAT, "documents": len(lengths), "tokens": sum(lengths), "files": files}, indent=1))
@@ -471,14 +471,6 @@ def _npy_header(dtype: np.dtype, length: int) -> bytes:
     if header.tell() != 128:
         raise AssertionError(f"unexpected .npy header size {header.tell()}")
     return header.getvalue()
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
