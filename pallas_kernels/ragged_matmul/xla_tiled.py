@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import same_varying_axes
 from pallas_kernels.ragged_matmul.metadata import GroupTiles, group_tiles
 
 DEFAULT_TILE_ROWS = 256  # demo MoE step on 2 CPU cores: 128 / 256 / 512 rows measured 1.2 / 1.0 / 1.2x the time
@@ -33,7 +34,9 @@ def tiled_ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
         raise ValueError(f"group_sizes has {group_sizes.shape[0]} groups but rhs {rhs.shape[0]}; pass group_offset")
     offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
     tm = max(8, min(tile_rows, -(-lhs.shape[0] // 8) * 8))
-    return _tiled(lhs, rhs, group_sizes.astype(jnp.int32), offset, tm)
+    # Inside a shard_map: one varying type for all (the loop carries must match it), and the
+    # transpose of replicated weights cast to varying is the psum their gradient needs.
+    return _tiled(*same_varying_axes(lhs, rhs, group_sizes.astype(jnp.int32), offset), tm)
 
 
 def _schedule(group_sizes: jax.Array, group_offset: jax.Array, num_local: int, m: int, tm: int) -> GroupTiles:
@@ -66,7 +69,8 @@ def _grouped(lhs: jax.Array, rhs: jax.Array, tiles: GroupTiles, tm: int, *, tran
         tile = jax.lax.dynamic_slice_in_dim(out, start, tm) + jnp.where(mine[:, None], product, 0.0)
         return jax.lax.dynamic_update_slice_in_dim(out, tile, start, 0)
 
-    return jax.lax.fori_loop(0, tiles.num_visits, visit, jnp.zeros((x.shape[0], n), jnp.float32))[:m]
+    _, out = same_varying_axes(x, jnp.zeros((x.shape[0], n), jnp.float32))
+    return jax.lax.fori_loop(0, tiles.num_visits, visit, out)[:m]
 
 
 def _grouped_transposed(lhs: jax.Array, dy: jax.Array, tiles: GroupTiles, num_local: int, tm: int) -> jax.Array:
@@ -80,8 +84,8 @@ def _grouped_transposed(lhs: jax.Array, dy: jax.Array, tiles: GroupTiles, num_lo
                                       preferred_element_type=jnp.float32)  # [k, n]
         return acc.at[group].add(product)
 
-    return jax.lax.fori_loop(0, tiles.num_visits, visit,
-                             jnp.zeros((num_local, lhs.shape[1], dy.shape[1]), jnp.float32))
+    _, acc = same_varying_axes(x, jnp.zeros((num_local, lhs.shape[1], dy.shape[1]), jnp.float32))
+    return jax.lax.fori_loop(0, tiles.num_visits, visit, acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
