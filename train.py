@@ -141,11 +141,10 @@ def write_atomically(path: pathlib.Path, content: str | bytes) -> None:
 # ---------------------------------------------------------------------------------------------
 # Devices.
 
-def make_mesh(spec: str | None, batch_size: int) -> jax.sharding.Mesh:
-    """`data=..,fsdp=..,expert=..` -> a mesh over all devices (default: everything on `data`,
-    sharding.mesh.default_mesh)."""
+def make_mesh(spec: str | None) -> jax.sharding.Mesh:
+    """`data=..,fsdp=..,expert=..` -> a mesh over all devices (default: everything on `data`)."""
     try:
-        return sharding_mesh.make_mesh(spec) if spec else sharding_mesh.default_mesh(batch_size)
+        return sharding_mesh.make_mesh(spec or f"data={jax.device_count()}")
     except sharding_mesh.MeshSpecError as error:
         raise RunError(f"--mesh: {error}") from error
 
@@ -1126,7 +1125,7 @@ def train(args: argparse.Namespace, signals: Signals) -> None:
     with run_directory_lock(run_directory(args)) if primary else contextlib.nullcontext():
         settings = open_run(args)
         cfg, tcfg = settings.cfg, settings.tcfg
-        mesh = make_mesh(args.mesh, tcfg.batch_size)
+        mesh = make_mesh(args.mesh)
         check_fits(cfg, tcfg, mesh)
         if args.overwrite and primary:  # the new settings are valid: now the old run may go
             discard_run(settings.directory, say)
@@ -1189,11 +1188,9 @@ def write_samples(session: Session, state: TrainState) -> None:
         write_atomically(session.settings.directory / SAMPLES_FILE, "".join(line + "\n" for line in lines))
 
 
-def main(argv: list[str] | None = None, as_program: bool = False) -> int:
-    """as_program: train.py is the process's program, so the process-wide JAX settings are its to make:
-    the persistent compilation cache and, on CPU, one device per core."""
+def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
     args = parse_args(argv)
-    if as_program:
+    if compilation_cache:  # process-wide: only when train.py is the program
         # Compiled steps are cached across runs: a resumed run or the next experiment starts in seconds.
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(args.cache_dir) / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -1202,8 +1199,6 @@ def main(argv: list[str] | None = None, as_program: bool = False) -> int:
             print(format_config(open_run(args).config))
             return 0
         sharding_mesh.initialize_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
-        if as_program:
-            sharding_mesh.use_cpu_cores_as_devices()
         with Signals().installed() as signals:
             train(args, signals)
     except (ConfigError, DataError, CheckpointError, RunError, sharding_mesh.MeshSpecError,
@@ -1223,8 +1218,8 @@ def main(argv: list[str] | None = None, as_program: bool = False) -> int:
 
 
 def cli() -> int:
-    """`python train.py` and the `longcat-train` command: main() as the program (see main)."""
-    return main(as_program=True)
+    """`python train.py` and the `longcat-train` command: main() with the persistent compile cache."""
+    return main(compilation_cache=True)
 
 
 if __name__ == "__main__":

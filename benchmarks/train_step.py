@@ -6,9 +6,7 @@ cost at equal activated parameters.
     python benchmarks/train_step.py --skip-reference      # the N-gram table only
 
 One step = forward, next-token loss, backward, AdamW (gradient clipping at 1.0), float32. Ours is
-the step train.py runs (lite.training.make_train_step, router-bias update included), as train.py
-runs it: on CPU one JAX device per core with the batch split over them
-(sharding.mesh.use_cpu_cores_as_devices).
+the step train.py runs (lite.training.make_train_step, router-bias update included).
 
 Table 1, ours vs transformers (when torch and transformers are importable): the preset's trunk
 without the N-gram embedding (transformers has none), one document per row; transformers'
@@ -37,12 +35,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from lite.config import ModelConfig, get_config
 from lite.params import count_params
 from lite.training import TrainConfig, init_state, make_train_step
-from sharding.mesh import batch_axes, default_mesh, use_cpu_cores_as_devices
 from torch_reference import alternate, hf_model, missing_reference, torch_thread_counts  # benchmarks/ is on sys.path
 
 # XLA:CPU on one thread, the counterpart of torch.set_num_threads(1): on a machine busier than its cores,
@@ -76,15 +72,10 @@ def batch(cfg: ModelConfig, rows: int, seq_len: int, documents: int) -> tuple[np
 
 
 def ours_tokens_per_second(cfg: ModelConfig, rows: int, seq_len: int, steps: int, documents: int) -> float:
-    """The step as train.py runs it: on CPU one device per core, the batch split over them."""
-    use_cpu_cores_as_devices()
-    mesh = default_mesh(rows)
-    jax.set_mesh(mesh)
     tcfg = TrainConfig(batch_size=rows, seq_len=seq_len, steps=steps)
-    graphdef, state, tx = init_state(cfg, tcfg, mesh)
+    graphdef, state, tx = init_state(cfg, tcfg)
     step = jax.jit(make_train_step(graphdef, tx, cfg, tcfg))
-    rows_sharding = NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
-    tokens, segments = (jax.device_put(x, rows_sharding) for x in batch(cfg, rows, seq_len, documents))
+    tokens, segments = map(jnp.asarray, batch(cfg, rows, seq_len, documents))
     total = jnp.int32(1000)
     state, metrics = step(state, tokens, segments, total)  # compile
     jax.block_until_ready(metrics)

@@ -69,34 +69,6 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence | None = None) -> Me
     return Mesh(array, names, axis_types=(AxisType.Auto,) * len(names))
 
 
-def use_cpu_cores_as_devices() -> int | None:
-    """One JAX CPU device per core, for the CPU backend JAX has not started yet -> the device count
-    set, or None where nothing was changed.
-
-    XLA:CPU runs most ops of a small model on one thread (a [2048, 256] x [256, 512] product measured
-    the same on 1 and 2 threads), so a step on one device leaves cores idle; split over one device per
-    core as data parallelism, the demo training step on 2 cores runs 1.3x faster. A process-wide
-    setting, so only an entry point makes it (train.py), before any computation. Nothing changes where
-    the count is already set (XLA_FLAGS=--xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES)
-    or in a multi-process run; accelerator devices, the default where present, are unaffected.
-    """
-    if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
-            or "JAX_NUM_CPU_DEVICES" in os.environ or jax.distributed.is_initialized()):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    jax.config.update("jax_num_cpu_devices", cores)
-    return cores
-
-
-def default_mesh(batch_size: int) -> Mesh:
-    """Every device on `data`; on one process's CPU devices (one per core, `use_cpu_cores_as_devices`)
-    as many as divide the batch, the rest left idle, rather than refusing the batch."""
-    devices = jax.devices()
-    if jax.default_backend() == "cpu" and jax.process_count() == 1:
-        devices = devices[:math.gcd(len(devices), batch_size)]
-    return make_mesh({"data": len(devices)}, devices)
-
-
 def batch_axes(mesh) -> tuple[str, ...]:
     """The mesh axes that split the batch (all of them, see the module docstring)."""
     return tuple(name for name in MESH_AXES if name in mesh.axis_names)

@@ -20,7 +20,7 @@ from oracles import numpy_moe, ragged_buffer_drops
 from pallas_kernels import backend as kernel_backend
 from sharding import expert_parallel
 from sharding.expert_parallel import expert_capacity, ragged_buffer_rows
-from sharding.mesh import default_mesh, make_mesh
+from sharding.mesh import make_mesh
 from sharding.rules import shard_model
 
 assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
@@ -251,10 +251,3 @@ def test_bounded_ragged_buffer_drops_exactly_the_overflow_slots(spec, monkeypatc
         out, _, dropped = run_on_mesh(moe, u, mask, spec)
     assert int(dropped) == 0
     np.testing.assert_allclose(out, numpy_moe(moe, u, mask)[0], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("batch_size, expected", [(16, 8), (12, 4), (6, 2), (7, 1)])
-def test_default_mesh_puts_as_many_cpu_devices_as_divide_the_batch_on_data(batch_size, expected):
-    mesh = default_mesh(batch_size)
-    assert dict(mesh.shape) == {"data": expected}
-    assert list(mesh.devices.flat) == jax.devices()[:expected]

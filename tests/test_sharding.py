@@ -100,4 +100,4 @@ def test_sharded_model_equals_single_device_on_8_cpu_devices():
     out = _run(["-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "tests/sharding_mesh_cases.py"],
                {"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8",
                 "JAX_PLATFORMS": "cpu"}, timeout=600)
-    assert "20 passed" in out, out
+    assert "16 passed" in out, out

@@ -7,8 +7,6 @@ compilation cache); the rest runs in this process without training.
 
 import dataclasses
 import json
-import math
-import os
 import pathlib
 import re
 import struct
@@ -147,11 +145,6 @@ def test_output_names_changes_compiling_samples_and_the_entropy_gap(workspace, f
     assert val == pytest.approx(first["rows"][-1]["val_loss"], abs=5e-4)
     assert side == ("below" if val < entropy else "above") and gap == pytest.approx(abs(val - entropy), abs=1.5e-3)
     assert "NOT below" not in out
-
-
-def test_a_cpu_run_splits_the_batch_over_one_device_per_core(first):
-    cores = len(os.sched_getaffinity(0))
-    assert f"; mesh {{'data': {math.gcd(cores, 4)}}}; {cores} cpu device(s)" in first["out"], first["out"]
 
 
 def test_entropy_comparison_wording():
