@@ -175,6 +175,15 @@ def bench_tiled_xla(args, rows_out):
     rows_out.append(("grouped matmul", shape, "tiled XLA (auto on CPU)", t_tiled, rate(t_tiled),
                      f"{t_xla / t_tiled:.2f}x ragged_dot"))
     rows_out.append(("grouped matmul", shape, "jax.lax.ragged_dot", t_xla, rate(t_xla), ""))
+    # Forward and backward (d lhs, d rhs: three products' work), as a training step runs it.
+    cotangent = jax.random.normal(jax.random.key(4), (m, n), jnp.float32)
+    tiled_grad, xla_grad = (jax.jit(jax.grad(lambda a, b, f=f: jnp.sum(f(a, b, sizes) * cotangent), (0, 1)))
+                            for f in (tiled_ragged_matmul, ragged_matmul_reference))
+    t_tiled, t_xla = (timed(f, lhs, rhs, repeats=args.repeats) for f in (tiled_grad, xla_grad))
+    rate3 = lambda t: f"{6 * m * k * n / t / 1e9:.1f} GFLOP/s"  # noqa: E731
+    rows_out.append(("grouped matmul, fwd + bwd", shape, "tiled XLA (auto on CPU)", t_tiled, rate3(t_tiled),
+                     f"{t_xla / t_tiled:.2f}x ragged_dot"))
+    rows_out.append(("grouped matmul, fwd + bwd", shape, "jax.lax.ragged_dot", t_xla, rate3(t_xla), ""))
 
 
 def main():
