@@ -75,3 +75,20 @@ def test_auto_on_cpu_is_the_tiled_formulation():
                                rtol=1e-4, atol=1e-4)
     lowered = jax.jit(lambda a, b, s: ragged_matmul(a, b, s)).lower(lhs, rhs.astype(jnp.float32), sizes).as_text()
     assert "ragged" not in lowered  # not XLA:CPU's dense masked ragged_dot
+
+
+@pytest.mark.parametrize("implementation", ["auto", "xla"])
+def test_layer_of_a_stack_matches_numpy(implementation):
+    """rhs stacked over layers [L, g, k, n] with a layer, also for an expert shard (group_offset): the
+    tiled form gathers from the stack, the reference slices it."""
+    rng = np.random.default_rng(4)
+    lhs = rng.normal(size=(37, 6)).astype(np.float32)
+    stack = rng.normal(size=(3, 2, 6, 4)).astype(np.float32)
+    sizes = np.asarray([5, 0, 9, 11, 4, 6], np.int32)
+    for layer in range(3):
+        got = ragged_matmul(jnp.asarray(lhs), jnp.asarray(stack), jnp.asarray(sizes), group_offset=2, layer=layer,
+                            implementation=implementation)
+        np.testing.assert_allclose(np.asarray(got), numpy_grouped(lhs, stack[layer], sizes, 2), rtol=1e-5, atol=1e-5)
+    full = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
+    got = ragged_matmul(jnp.asarray(lhs), jnp.asarray(full), jnp.asarray(sizes), layer=1, implementation=implementation)
+    np.testing.assert_allclose(np.asarray(got), numpy_grouped(lhs, full[1], sizes), rtol=1e-5, atol=1e-5)
