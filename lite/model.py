@@ -142,7 +142,7 @@ class ShortcutLayer(nnx.Module):
                lengths: jax.Array, layer: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """One token per sequence: x [B, D], cos/sin [B, rope/2], the two blocks' caches [B, T, kv_lora + rope]
         (first lengths[b] rows valid) -> (out [B, D], the caches with the new token's rows appended).
-        The module is `LongcatModel.decode_layer(layer)`: its MoE holds every layer's experts."""
+        The module is layer `layer` of `LongcatModel.decode_layers`: its MoE holds every layer's experts."""
         out, _, caches = self.wire(x, lambda i, y: self.attns[i].decode(y, cos, sin, caches[i], lengths),
                                    jnp.ones(x.shape[:-1], bool), layer)
         return out, caches
@@ -289,8 +289,7 @@ class LongcatModel(nnx.Module):
         cos, sin = rope_angles(cache.lengths, self.cfg)  # [B, rope/2]
         kv = list(cache.kv)
         # Unrolled rather than scanned, so that each block's cache is read and written in place.
-        for layer in range(self.cfg.num_layers):
-            module, x = self.decode_layer(layer, x)
+        for layer, module in enumerate(self.decode_layers(cache.lengths)):
             x, kv[2 * layer: 2 * layer + 2] = module.decode(x, cos, sin, kv[2 * layer: 2 * layer + 2], cache.lengths,
                                                             layer)
         logits = self.lm_head(self.final_norm(x)).astype(jnp.float32)
@@ -317,20 +316,21 @@ class LongcatModel(nnx.Module):
             body = jax.checkpoint(body, policy=SAVED_BY_REMAT[self.cfg.remat], prevent_cse=False)
         return jax.lax.scan(body, h, layer_state, unroll=self.cfg.num_layers <= UNROLL_MAX_LAYERS)
 
-    def decode_layer(self, layer: int, x: jax.Array) -> tuple[ShortcutLayer, jax.Array]:
-        """Layer `layer` of self.layers as a module for the unrolled decode step, with no weight
-        copied, and x [B, D], the layer's input, tied to it.
+    def decode_layers(self, step_input: jax.Array) -> list[ShortcutLayer]:
+        """self.layers as one module per layer for the unrolled decode step, with no weight copied.
 
-        The module's MoE holds the expert weights of every layer, stacked [num_layers, E, ...], which
-        the grouped matmuls read at `layer` in place (`MoE.__call__`'s layer); the other weights are
-        the layer's slices of the stack, read by the matmuls that take them. The weights pass through
-        an optimization barrier with the layer's input, so that XLA can take no slice before the
-        layer runs: in a decode loop it would otherwise hoist every layer's slices out of the loop,
-        or to the start of the step (XLA:CPU does both), and hold them all, a second copy of the
-        weights. The barrier moves no data; `tests/test_decode.py` checks the compiled loop's memory."""
+        Each module's MoE holds the expert weights of every layer, stacked [num_layers, E, ...], which
+        the grouped matmuls read at the module's layer in place (`MoE.__call__`'s layer); the other
+        weights are the layer's slices of the stack, read by the matmuls that take them. The weights
+        pass through an optimization barrier with `step_input` (any array of the step's input), so
+        that XLA does not see them as invariant in a decode loop around the step: it would hoist every
+        layer's slices out of the loop (XLA:CPU does) and hold them, a second copy of the weights,
+        while the loop runs. The barrier moves no data and changes no number; `tests/test_decode.py`
+        checks the compiled loop."""
         graphdef, experts, others = nnx.split(self.layers, _is_expert_weight, ...)
-        (experts, others), x = jax.lax.optimization_barrier(((experts, others), x))
-        return nnx.merge(graphdef, experts, jax.tree.map(lambda w: w[layer], others)), x
+        (experts, others), _ = jax.lax.optimization_barrier(((experts, others), step_input))
+        return [nnx.merge(graphdef, experts, jax.tree.map(lambda w: w[layer], others))
+                for layer in range(self.cfg.num_layers)]
 
     def update_router_bias(self, expert_counts: jax.Array, rate: float | None = None) -> None:
         """The training loop's load-balancing step: float32[num_layers, E + Z] counts from a batch."""
