@@ -1,5 +1,5 @@
-"""Compile the training step and a decode step for a TPU pod or an H200 node on this (CPU) machine,
-and show memory and the Pallas kernels each compiled program contains.
+"""Compile the training step and serve.py's decode loop for a TPU pod or an H200 node on this (CPU)
+machine, and show memory and the Pallas kernels each compiled program contains.
 
     python -m lite.plan --preset longcat-flash-lite --topology v5p:4x4x8 --mesh fsdp=16,expert=8
     python -m lite.plan --preset longcat-flash-lite --topology h200:4x8 --mesh fsdp=4,expert=8
@@ -91,8 +91,8 @@ def compile_decode_loop(cfg, mesh, batch: int, cache_len: int, max_new: int = 25
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(b) if spec is None else spec))
 
     row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    cache = DecodeCache(kv=tuple(sds((batch, cache_len, row), cfg.jnp_compute_dtype) for _ in range(2 * cfg.num_layers)),
-                        lengths=sds((batch,), jnp.int32), ngram=sds((batch, max(cfg.ngram_n - 1, 0)), jnp.int32))
+    blocks = tuple(sds((batch, cache_len, row), cfg.jnp_compute_dtype) for _ in range(2 * cfg.num_layers))
+    cache = DecodeCache(kv=blocks, lengths=sds((batch,), jnp.int32), ngram=sds((batch, max(cfg.ngram_n - 1, 0)), jnp.int32))
     sampling = RowSampling(temperature=sds((batch,), jnp.float32), top_k=sds((batch,), jnp.int32),
                            top_p=sds((batch,), jnp.float32), key=sds((batch, 2), jnp.uint32))
     row_ints = sds((batch,), jnp.int32)
