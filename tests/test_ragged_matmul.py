@@ -85,10 +85,11 @@ def test_layer_of_a_stack_matches_numpy(implementation):
     lhs = rng.normal(size=(37, 6)).astype(np.float32)
     stack = rng.normal(size=(3, 2, 6, 4)).astype(np.float32)
     sizes = np.asarray([5, 0, 9, 11, 4, 6], np.int32)
+    matmul = jax.jit(ragged_matmul, static_argnames=("layer", "implementation"))
     for layer in range(3):
-        got = ragged_matmul(jnp.asarray(lhs), jnp.asarray(stack), jnp.asarray(sizes), group_offset=2, layer=layer,
-                            implementation=implementation)
+        got = matmul(jnp.asarray(lhs), jnp.asarray(stack), jnp.asarray(sizes), group_offset=2, layer=layer,
+                     implementation=implementation)
         np.testing.assert_allclose(np.asarray(got), numpy_grouped(lhs, stack[layer], sizes, 2), rtol=1e-5, atol=1e-5)
     full = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
-    got = ragged_matmul(jnp.asarray(lhs), jnp.asarray(full), jnp.asarray(sizes), layer=1, implementation=implementation)
+    got = matmul(jnp.asarray(lhs), jnp.asarray(full), jnp.asarray(sizes), layer=1, implementation=implementation)
     np.testing.assert_allclose(np.asarray(got), numpy_grouped(lhs, full[1], sizes), rtol=1e-5, atol=1e-5)
