@@ -61,11 +61,10 @@ def compile_loop(model: LongcatModel, prompts: PackedPrompts, steps: int, *, pla
 
     def run_decode(state, first, cache):
         m = nnx.merge(graphdef, state)
-        layers = m.unstack_layers()
 
         def body(_, carry):
             token, cache = carry
-            logits, cache = m.decode_step(cache, token, layers)
+            logits, cache = m.decode_step(cache, token)
             return greedy(logits), cache
 
         return jax.lax.fori_loop(0, steps, body, (first, cache))

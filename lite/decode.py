@@ -195,10 +195,8 @@ def _continue(model: LongcatModel, gen: Generation, limits: jax.Array, until: ja
     def running(gen):
         return (gen.step < until) & ~jnp.all(gen.done)
 
-    layers = model.unstack_layers()  # once, outside the loop body (see `LongcatModel.unstack_layers`)
-
     def one_step(gen):
-        logits, cache = model.decode_step(gen.cache, gen.last, layers)
+        logits, cache = model.decode_step(gen.cache, gen.last)
         # Finished rows keep their length, so their cache never grows past its bucket.
         cache = cache._replace(lengths=jnp.where(gen.done, gen.cache.lengths, cache.lengths))
         sampled = sample(_usable(logits, vocab_limit), gen.sampling, gen.step, mode)
@@ -283,6 +281,19 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def generation_programs(graphdef: nnx.GraphDef, vocab_limit: int | None = None):
+    """The Generator's two jitted programs, of the model state (nnx.split(model)'s second part):
+    start(state, prompts, limits, sampling, *, cache_len, max_new, mode) -> Generation (prefill and
+    the first token) and continue(state, gen, limits, until, *, mode) -> Generation (the decode
+    loop; gen is donated). lite.plan compiles the decode loop from here for a pod's devices."""
+    start = jax.jit(lambda state, *args, **kw: _start(nnx.merge(graphdef, state), *args, vocab_limit=vocab_limit, **kw),
+                    static_argnames=("cache_len", "max_new", "mode"))
+    decode = jax.jit(lambda state, *args, **kw: _continue(nnx.merge(graphdef, state), *args, vocab_limit=vocab_limit,
+                                                          **kw),
+                     static_argnames=("mode",), donate_argnums=(1,))
+    return start, decode
+
+
 class Generator:
     """Batch generation with one model; keeps one compiled prefill and decode loop per bucket.
 
@@ -295,12 +306,7 @@ class Generator:
         graphdef, self.state = nnx.split(model)
         if mesh is not None:
             self.state = jax.device_put(self.state, state_shardings(self.state, mesh))
-        self._start = jax.jit(lambda state, *args, **kw: _start(nnx.merge(graphdef, state), *args,
-                                                                vocab_limit=vocab_limit, **kw),
-                              static_argnames=("cache_len", "max_new", "mode"))
-        self._continue = jax.jit(lambda state, *args, **kw: _continue(nnx.merge(graphdef, state), *args,
-                                                                      vocab_limit=vocab_limit, **kw),
-                                 static_argnames=("mode",), donate_argnums=(1,))
+        self._start, self._continue = generation_programs(graphdef, vocab_limit)
         self.compiled: dict[tuple, Callable] = {}  # (program, shapes, sampling) -> executable
 
     def _compiled(self, name: str, jitted, *args, stats: GenerationStats, **static):

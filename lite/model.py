@@ -3,7 +3,7 @@ and its three modes:
 
     model(tokens, segment_ids, positions)      the full forward (training, evaluation) -> ModelOutput
     model.prefill(prompts, cache_len)          packed prompts -> DecodeOutput(logits, DecodeCache)
-    model.decode_step(cache, tokens, layers)   one new token per sequence -> DecodeOutput
+    model.decode_step(cache, tokens)           one new token per sequence -> DecodeOutput
 
 All three run the layer's one data flow (`ShortcutLayer.wire`); the full forward and prefill also
 share the input preamble (`layer_inputs`) and the layer scan (`LongcatModel.scan_layers`). Sampling
@@ -110,7 +110,7 @@ class ShortcutLayer(nnx.Module):
         out, routing, _ = self.wire(x, attend, inputs.token_mask)
         return out, routing
 
-    def wire(self, x: jax.Array, attend, token_mask: jax.Array):
+    def wire(self, x: jax.Array, attend, token_mask: jax.Array, layer: int | None = None):
         """The layer's data flow, shared by the full forward, prefill and decode.
 
         x [..., D]; attend(i, normed input of attention block i) -> (block output [..., D], anything the
@@ -121,7 +121,7 @@ class ShortcutLayer(nnx.Module):
         attended, kept0 = attend(0, self.attn_norms[0](x))
         h = x + attended
         u = self.mlp_norms[0](h)
-        moe_out, counts, dropped = self.moe(u.reshape(-1, u.shape[-1]), token_mask.reshape(-1))
+        moe_out, counts, dropped = self.moe(u.reshape(-1, u.shape[-1]), token_mask.reshape(-1), layer)
         h = h + self.mlps[0](u)
         attended, kept1 = attend(1, self.attn_norms[1](h))
         h = h + attended
@@ -139,11 +139,12 @@ class ShortcutLayer(nnx.Module):
         return out, jnp.stack(kept)
 
     def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, caches: tuple[jax.Array, jax.Array],
-               lengths: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               lengths: jax.Array, layer: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """One token per sequence: x [B, D], cos/sin [B, rope/2], the two blocks' caches [B, T, kv_lora + rope]
-        (first lengths[b] rows valid) -> (out [B, D], the caches with the new token's rows appended)."""
+        (first lengths[b] rows valid) -> (out [B, D], the caches with the new token's rows appended).
+        The module is layer `layer` of `LongcatModel.decode_layers`: its MoE holds every layer's experts."""
         out, _, caches = self.wire(x, lambda i, y: self.attns[i].decode(y, cos, sin, caches[i], lengths),
-                                   jnp.ones(x.shape[:-1], bool))
+                                   jnp.ones(x.shape[:-1], bool), layer)
         return out, caches
 
 
@@ -231,6 +232,11 @@ def prefill_cache(cfg: ModelConfig, prompts: PackedPrompts, entries: jax.Array, 
 # ---------------------------------------------------------------------------------------------
 # The model.
 
+def _is_expert_weight(path: tuple, _) -> bool:
+    """nnx filter: the FFN experts' weights of the MoE (w_gate, w_up, w_down)."""
+    return len(path) >= 2 and path[-2] == "moe" and path[-1] in moe_lib.ExpertWeights._fields
+
+
 # Scans of at most this many layers are unrolled (compile time still small; see `scan_layers`).
 UNROLL_MAX_LAYERS = 4
 # cfg.remat -> what the backward keeps of a layer's forward: "full" nothing but the layer's input
@@ -276,17 +282,16 @@ class LongcatModel(nnx.Module):
         return DecodeOutput(logits, prefill_cache(self.cfg, prompts, entries, cache_len))
 
     @dropless  # inference never drops routed slots (sharding.expert_parallel)
-    def decode_step(self, cache: DecodeCache, tokens: jax.Array,
-                    layers: Sequence[ShortcutLayer] | None = None) -> DecodeOutput:
+    def decode_step(self, cache: DecodeCache, tokens: jax.Array) -> DecodeOutput:
         """tokens int32[B] at positions cache.lengths -> (float32[B, V] logits for the next token, the
-        cache with them appended). Requires cache.lengths < T. layers: `self.unstack_layers()`, made
-        outside a decode loop (default: made here)."""
+        cache with them appended). Requires cache.lengths < T."""
         x, ngram = self.embed.step(tokens, cache.ngram)  # [B, D]
         cos, sin = rope_angles(cache.lengths, self.cfg)  # [B, rope/2]
         kv = list(cache.kv)
         # Unrolled rather than scanned, so that each block's cache is read and written in place.
-        for layer, module in enumerate(self.unstack_layers() if layers is None else layers):
-            x, kv[2 * layer: 2 * layer + 2] = module.decode(x, cos, sin, kv[2 * layer: 2 * layer + 2], cache.lengths)
+        for layer, module in enumerate(self.decode_layers(cache.lengths)):
+            x, kv[2 * layer: 2 * layer + 2] = module.decode(x, cos, sin, kv[2 * layer: 2 * layer + 2], cache.lengths,
+                                                            layer)
         logits = self.lm_head(self.final_norm(x)).astype(jnp.float32)
         return DecodeOutput(logits, DecodeCache(tuple(kv), cache.lengths + 1, ngram))
 
@@ -311,11 +316,21 @@ class LongcatModel(nnx.Module):
             body = jax.checkpoint(body, policy=SAVED_BY_REMAT[self.cfg.remat], prevent_cse=False)
         return jax.lax.scan(body, h, layer_state, unroll=self.cfg.num_layers <= UNROLL_MAX_LAYERS)
 
-    def unstack_layers(self) -> list[ShortcutLayer]:
-        """self.layers as one module per layer. A decode loop makes them once, before it starts: inside
-        it, slicing the stacked weights would copy every layer's weights every step."""
-        graphdef, state = nnx.split(self.layers)
-        return [nnx.merge(graphdef, jax.tree.map(lambda w: w[layer], state)) for layer in range(self.cfg.num_layers)]
+    def decode_layers(self, step_input: jax.Array) -> list[ShortcutLayer]:
+        """self.layers as one module per layer for the unrolled decode step, with no weight copied.
+
+        Each module's MoE holds the expert weights of every layer, stacked [num_layers, E, ...], which
+        the grouped matmuls read at the module's layer in place (`MoE.__call__`'s layer); the other
+        weights are the layer's slices of the stack, read by the matmuls that take them. The weights
+        pass through an optimization barrier with `step_input` (any array of the step's input), so
+        that XLA does not see them as invariant in a decode loop around the step: it would hoist every
+        layer's slices out of the loop (XLA:CPU does) and hold them, a second copy of the weights,
+        while the loop runs. The barrier moves no data and changes no number; `tests/test_decode.py`
+        checks the compiled loop."""
+        graphdef, experts, others = nnx.split(self.layers, _is_expert_weight, ...)
+        (experts, others), _ = jax.lax.optimization_barrier(((experts, others), step_input))
+        return [nnx.merge(graphdef, experts, jax.tree.map(lambda w: w[layer], others))
+                for layer in range(self.cfg.num_layers)]
 
     def update_router_bias(self, expert_counts: jax.Array, rate: float | None = None) -> None:
         """The training loop's load-balancing step: float32[num_layers, E + Z] counts from a batch."""

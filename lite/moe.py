@@ -85,19 +85,19 @@ class Router(nnx.Module):
 # The FFN experts on one device: two forms of the same sum.
 
 def grouped_experts(x: jax.Array, chosen: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                    w_down: jax.Array) -> jax.Array:
+                    w_down: jax.Array, layer: int | None = None) -> jax.Array:
     """Weighted sum of the chosen FFN experts' SwiGLU outputs; zero-expert choices contribute nothing.
 
     x [T, D], chosen int32[T, k], weights float32[T, k], w_gate/w_up [E, D, I], w_down [E, I, D]
     -> float32[T, D]. Sort the T*k (token, expert) slots by expert, run each projection as one grouped
     matmul over the sorted rows, unsort. Zero experts have ids >= E, so they sort last and fall
-    outside every group.
+    outside every group. layer: the weights are every layer's, [L, E, ., .], read at `layer` in place.
     """
     top_k = chosen.shape[1]
-    num_ffn = w_gate.shape[0]
+    num_ffn = w_gate.shape[-3]
     keys = chosen.reshape(-1)  # int32[T*k]: the expert of each slot
     by_expert = sort_by_expert(keys, num_ffn)
-    out = grouped_swiglu(x[by_expert.order // top_k], by_expert.group_sizes, w_gate, w_up, w_down)  # [T*k, D]
+    out = grouped_swiglu(x[by_expert.order // top_k], by_expert.group_sizes, w_gate, w_up, w_down, layer)  # [T*k, D]
     return weighted_slot_sum(unsort(out, by_expert.order), keys < num_ffn, weights)
 
 
@@ -121,29 +121,39 @@ DENSE_EXPERTS_MAX_TOKENS = 128
 
 
 def local_experts(x: jax.Array, chosen: jax.Array, weights: jax.Array, token_mask: jax.Array | None,
-                  w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> ExpertsOutput:
+                  w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, layer: int | None = None) -> ExpertsOutput:
     """The `ExpertsFn` when every expert is on this device: the dense or the grouped form by token
     count; nothing is dropped. Padding tokens are computed like the others (their rows are discarded
-    downstream); only the mesh dispatches skip them, since there they would cost communication."""
-    experts = dense_experts if x.shape[0] <= DENSE_EXPERTS_MAX_TOKENS else grouped_experts
-    return ExpertsOutput(experts(x, chosen, weights, w_gate, w_up, w_down), jnp.zeros((), jnp.float32))
+    downstream); only the mesh dispatches skip them, since there they would cost communication.
+    layer: the weights are every layer's, [L, E, ., .] (decode); the grouped form reads layer `layer`
+    in place, the dense form's XLA matmuls take its slice."""
+    if x.shape[0] > DENSE_EXPERTS_MAX_TOKENS:
+        combined = grouped_experts(x, chosen, weights, w_gate, w_up, w_down, layer)
+    else:
+        if layer is not None:
+            w_gate, w_up, w_down = (w[layer].astype(x.dtype) for w in (w_gate, w_up, w_down))
+        combined = dense_experts(x, chosen, weights, w_gate, w_up, w_down)
+    return ExpertsOutput(combined, jnp.zeros((), jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------
 # The MoE.
 
 def moe_per_device(router: RouterWeights, experts: ExpertWeights, u: jax.Array, token_mask: jax.Array | None,
-                   dispatch: ExpertsFn | None = None, *, cfg: ModelConfig) -> MoEOutput:
+                   dispatch: ExpertsFn | None = None, *, cfg: ModelConfig, layer: int | None = None) -> MoEOutput:
     """The whole MoE on one device's tokens: route, run the FFN experts through `dispatch` (None:
     `local_experts`; on a mesh, sharding.expert_parallel's all-to-all dispatch, with `experts` this
     device's E / n_ep), add the zero experts' identity term, count.
 
     u [T, D], token_mask bool[T] or None (all real) -> MoEOutput (counts of this device's tokens only).
+    layer: `experts` holds every layer's weights, [L, E, ., .] (decode), and layer `layer` is used;
+    they are read in place and rounded to the compute dtype where used (`dispatch` was made for it).
     """
     weights, chosen = route(router, u, cfg)
-    dtype = cfg.jnp_compute_dtype
-    w_gate, w_up, w_down = (w.astype(dtype) for w in experts)
-    ffn, dropped = (dispatch or local_experts)(u, chosen, weights, token_mask, w_gate, w_up, w_down)
+    if layer is None:
+        experts = ExpertWeights(*(w.astype(cfg.jnp_compute_dtype) for w in experts))
+    experts_fn = dispatch or functools.partial(local_experts, layer=layer)
+    ffn, dropped = experts_fn(u, chosen, weights, token_mask, *experts)
     zero_weight = jnp.sum(jnp.where(chosen >= cfg.n_routed_experts, weights, 0.0), axis=-1)  # [T]
     out = (ffn + zero_weight[:, None] * u.astype(jnp.float32)).astype(u.dtype)
     counted = jnp.ones(chosen.shape, jnp.float32) if token_mask is None else (
@@ -165,18 +175,20 @@ class MoE(nnx.Module):
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
 
-    def __call__(self, u: jax.Array, token_mask: jax.Array | None = None) -> MoEOutput:
+    def __call__(self, u: jax.Array, token_mask: jax.Array | None = None, layer: int | None = None) -> MoEOutput:
         """u [T, D], token_mask bool[T] or None (all real) -> MoEOutput.
 
         Under `jax.set_mesh` with more than one device, `moe_per_device` runs inside one shard_map
         (sharding.expert_parallel.moe_on_mesh, dispatching by `cfg.expert_dispatch`); else directly.
+        layer: this module's expert weights are every layer's, stacked [L, E, ., .], and this is
+        layer `layer` (`LongcatModel.decode_step`, which reads them in place).
         """
-        per_device = functools.partial(moe_per_device, cfg=self.cfg)
+        per_device = functools.partial(moe_per_device, cfg=self.cfg, layer=layer)
         router, experts = self.router.weights(), self.expert_weights()
         mesh = active_mesh()
         if mesh is None:
             return per_device(router, experts, u, token_mask)
-        return MoEOutput(*moe_on_mesh(per_device, router, experts, u, token_mask, mesh, self.cfg))
+        return MoEOutput(*moe_on_mesh(per_device, router, experts, u, token_mask, mesh, self.cfg, layer))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Compile the training step and a decode step for a TPU pod or an H200 node on this (CPU) machine,
-and show memory and the Pallas kernels each compiled program contains.
+"""Compile the training step and serve.py's decode loop for a TPU pod or an H200 node on this (CPU)
+machine, and show memory and the Pallas kernels each compiled program contains.
 
     python -m lite.plan --preset longcat-flash-lite --topology v5p:4x4x8 --mesh fsdp=16,expert=8
     python -m lite.plan --preset longcat-flash-lite --topology h200:4x8 --mesh fsdp=4,expert=8
@@ -8,9 +8,10 @@ Uses the real compilers through compile-only devices (sharding.topology): libtpu
 (pip install "jax[tpu]" at the installed jax version), the CUDA PJRT plugin for `h200:HOSTSxGPUS`
 (pip install jax-cuda12-plugin and jax-cuda12-pjrt at the installed jax version, or
 pip install -e ".[aot]" as .ci/run does). No accelerator is needed. The full training step of
-`lite.training.make_train_step` (forward, backward, AdamW update, router-bias update) and one
-`LongcatModel.decode_step` are lowered with every parameter, optimizer and cache array placed by
-`sharding.rules`, compiled, and `compiled.memory_analysis()` gives the per-device bytes. Run it in
+`lite.training.make_train_step` (forward, backward, AdamW update, router-bias update) and the decode
+loop serve.py runs (`lite.decode.Generator`'s compiled loop of `LongcatModel.decode_step`, greedy)
+are lowered with every parameter, optimizer and cache array placed by `sharding.rules`, compiled,
+and `compiled.memory_analysis()` gives the per-device bytes. Run it in
 its own process: it points JAX's default device at the topology.
 """
 
@@ -34,7 +35,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from lite.config import PRESETS, get_config  # noqa: E402
-from lite.model import DecodeCache, DecodeOutput, abstract_model  # noqa: E402
+from lite.decode import Generation, RowSampling, SamplingMode, generation_programs  # noqa: E402
+from lite.model import DecodeCache, abstract_model  # noqa: E402
 from lite.params import count_params  # noqa: E402
 from lite.training import TrainConfig, make_train_step, peak_flops, plan_state  # noqa: E402
 from sharding.expert_parallel import resolve_dispatch  # noqa: E402
@@ -76,43 +78,29 @@ def compile_train_step(cfg, mesh, batch: int, seq_len: int):
     return lowered, parts
 
 
-def compile_decode_step(cfg, mesh, batch: int, cache_len: int):
-    """One `decode_step` with the layers' weights as arguments one layer at a time, as a decode loop
-    holds them (`LongcatModel.unstack_layers`, made once outside the loop). Sliced out of the stacked
-    [num_layers, ...] weights inside the step, every layer's weights would be copied every step (the
-    Pallas expert matmul reads a materialised operand): 17 GiB of temporaries on a v5p-8."""
-    model = abstract_model(cfg)
-    graphdef, stacked, state = nnx.split(model, nnx.PathContains("layers"), ...)
+def compile_decode_loop(cfg, mesh, batch: int, cache_len: int, max_new: int = 256):
+    """The decode loop serve.py runs: `Generator`'s compiled `lax.while_loop` of `decode_step` and
+    greedy sampling (lite.decode.generation_programs), over the model state as `nnx.split` gives it
+    (the layers' weights stacked [num_layers, ...], read in place by the unrolled step), with the
+    cache and the loop state split over the batch and donated, as the Generator passes them."""
+    graphdef, state = nnx.split(abstract_model(cfg))
     state = _abstract(state, state_specs(state, mesh), mesh)
-    stacked = _abstract(stacked, state_specs(stacked, mesh), mesh)
-    # The "layers" axis is never split (sharding.rules): a layer is placed as the stack is, less that axis.
-    layer = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=NamedSharding(
-        mesh, P(*leaf.sharding.spec[1:]))), stacked["layers"], is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    layers = [layer] * cfg.num_layers
-    layer_graphdef = nnx.graphdef(model.layers)
-    batch_spec = activation_spec("decode_tokens", mesh, (batch,))
-    b = batch_spec[0]
-    dtype = cfg.jnp_compute_dtype
+    b = activation_spec("decode_tokens", mesh, (batch,))[0]
 
-    def sds(shape, dtype, spec):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+    def sds(shape, dtype, spec=None):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(b) if spec is None else spec))
 
     row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    cache = DecodeCache(
-        kv=tuple(sds((batch, cache_len, row), dtype, P(b)) for _ in range(2 * cfg.num_layers)),
-        lengths=sds((batch,), jnp.int32, P(b)),
-        ngram=sds((batch, max(cfg.ngram_n - 1, 0)), jnp.int32, P(b)))
-    tokens = sds((batch,), jnp.int32, P(b))
-
-    def step(state, layers, cache, tokens):
-        # The stacked layers stay shapes: the step reads only `layers`.
-        return nnx.merge(graphdef, stacked, state).decode_step(
-            cache, tokens, [nnx.merge(layer_graphdef, layer) for layer in layers])
-
-    out_shardings = DecodeOutput(logits=None, cache=jax.tree.map(lambda s: s.sharding, cache))
-    jitted = jax.jit(step, out_shardings=out_shardings, donate_argnums=2)
-    lowered = jitted.lower(state, layers, cache, tokens)
-    parts = {"parameters": per_device_bytes((state, layers), mesh), "decode cache": per_device_bytes(cache, mesh)}
+    blocks = tuple(sds((batch, cache_len, row), cfg.jnp_compute_dtype) for _ in range(2 * cfg.num_layers))
+    cache = DecodeCache(kv=blocks, lengths=sds((batch,), jnp.int32), ngram=sds((batch, max(cfg.ngram_n - 1, 0)), jnp.int32))
+    sampling = RowSampling(temperature=sds((batch,), jnp.float32), top_k=sds((batch,), jnp.int32),
+                           top_p=sds((batch,), jnp.float32), key=sds((batch, 2), jnp.uint32))
+    row_ints = sds((batch,), jnp.int32)
+    gen = Generation(cache=cache, tokens=sds((batch, max_new), jnp.int32), num_tokens=row_ints, last=row_ints,
+                     done=sds((batch,), jnp.bool_), reason=row_ints, step=sds((), jnp.int32, P()), sampling=sampling)
+    _, decode_loop = generation_programs(graphdef)
+    lowered = decode_loop.lower(state, gen, row_ints, sds((), jnp.int32, P()), mode=SamplingMode())
+    parts = {"parameters": per_device_bytes(state, mesh), "decode cache": per_device_bytes(cache, mesh)}
     return lowered, parts
 
 
@@ -251,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(lines), flush=True)
             ok &= fits
         if not args.skip_decode:
-            lowered, parts = compile_decode_step(cfg, mesh, args.decode_batch, args.cache_len)
+            lowered, parts = compile_decode_loop(cfg, mesh, args.decode_batch, args.cache_len)
             work = step_work(cfg, args.decode_batch, len(devices), devices[0], training=False)
-            lines, fits = report(f"decode step: batch {args.decode_batch}, cache {args.cache_len} tokens",
+            lines, fits = report(f"decode loop (serve.py's): batch {args.decode_batch}, cache {args.cache_len} tokens",
                                  lowered, parts, hbm, work)
             print("\n".join(lines), flush=True)
             ok &= fits

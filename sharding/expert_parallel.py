@@ -58,7 +58,8 @@ class ExpertsOutput(NamedTuple):
 
 
 # A dispatch: (x [T, D], chosen int32[T, k], weights float32[T, k], token_mask bool[T],
-#              w_gate [E_loc, D, I], w_up [E_loc, D, I], w_down [E_loc, I, D]) -> ExpertsOutput.
+#              w_gate [E_loc, D, I], w_up [E_loc, D, I], w_down [E_loc, I, D]) -> ExpertsOutput
+#              (a dispatch made for a layer takes every layer's weights, [L, E_loc, ., .]).
 # Expert ids >= E (zero experts) contribute nothing to `combined`.
 ExpertsFn = Callable[..., ExpertsOutput]
 
@@ -89,12 +90,14 @@ def unsort(sorted_rows: jax.Array, order: jax.Array) -> jax.Array:
 
 
 def grouped_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array) -> jax.Array:
+                   w_down: jax.Array, layer: int | None = None) -> jax.Array:
     """rows [M, D] sorted by group, group_sizes int32[G], w_gate/w_up [G, D, I], w_down [G, I, D]
     -> [M, D]: each row through its group's SwiGLU. Rows past sum(group_sizes) are left undefined
-    (a kernel may not write them)."""
-    hidden = jax.nn.silu(ragged_matmul(rows, w_gate, group_sizes)) * ragged_matmul(rows, w_up, group_sizes)
-    return ragged_matmul(hidden, w_down, group_sizes)
+    (a kernel may not write them). layer: the weights are every layer's, stacked [L, G, ., .]
+    (decode), and the grouped matmuls read layer `layer` in place."""
+    matmul = functools.partial(ragged_matmul, group_sizes=group_sizes, layer=layer)
+    hidden = jax.nn.silu(matmul(rows, w_gate)) * matmul(rows, w_up)
+    return matmul(hidden, w_down)
 
 
 def weighted_slot_sum(per_slot: jax.Array, served: jax.Array, weights: jax.Array) -> jax.Array:
@@ -169,14 +172,16 @@ def resolve_dispatch(dispatch: str) -> str:
 
 
 def moe_on_mesh(moe_per_device: Callable, router_weights: Any, expert_weights: Any, u: jax.Array,
-                token_mask: jax.Array | None, mesh, cfg) -> tuple[jax.Array, jax.Array, jax.Array]:
+                token_mask: jax.Array | None, mesh, cfg,
+                layer: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The MoE on `mesh` (the ambient one, `jax.set_mesh`), as one shard_map of `moe_per_device`.
 
     moe_per_device(router_weights, expert_weights, u [T_loc, D], token_mask bool[T_loc], dispatch)
         -> (out [T_loc, D], float32[E + Z] routed slots per expert, float32[] dropped slots); dispatch
         is an `ExpertsFn`, or None when every expert is on the device (mesh without an expert axis).
     router_weights: a pytree of arrays, replicated. expert_weights: a pytree of [E, ...] arrays, split
-        over `expert` on their leading axis.
+        over `expert` on their leading axis; with `layer`, every layer's stacked, [L, E, ...], split on
+        the E axis, and the dispatch's grouped matmuls read layer `layer` out of the stack in place.
     u [T, D], token_mask bool[T] or None; T split over every mesh axis.
     cfg: a lite ModelConfig (n_routed_experts, target_ffn_experts_per_token, expert_dispatch,
         expert_capacity_factor).
@@ -193,10 +198,11 @@ def moe_on_mesh(moe_per_device: Callable, router_weights: Any, expert_weights: A
                          f"{dict(mesh.shape)}; make the batch a multiple of {devices}")
     if token_mask is None:
         token_mask = jnp.ones(u.shape[:1], bool)
-    dispatch = _dispatch(cfg, n_ep, local_tokens=u.shape[0] // devices)
+    dispatch = _dispatch(cfg, n_ep, local_tokens=u.shape[0] // devices, layer=layer)
     tokens = P(axes)
     router_specs = jax.tree.map(lambda _: P(), router_weights)
-    expert_specs = jax.tree.map(lambda _: P("expert") if n_ep > 1 else P(), expert_weights)
+    expert_spec = P() if n_ep == 1 else P("expert") if layer is None else P(None, "expert")
+    expert_specs = jax.tree.map(lambda _: expert_spec, expert_weights)
 
     def local(router_weights, expert_weights, u, token_mask):
         out, counts, dropped = moe_per_device(router_weights, expert_weights, u, token_mask, dispatch)
@@ -206,14 +212,14 @@ def moe_on_mesh(moe_per_device: Callable, router_weights: Any, expert_weights: A
                          out_specs=(tokens, P(), P()))(router_weights, expert_weights, u, token_mask)
 
 
-def _dispatch(cfg, n_ep: int, local_tokens: int) -> ExpertsFn | None:
+def _dispatch(cfg, n_ep: int, local_tokens: int, layer: int | None) -> ExpertsFn | None:
     if n_ep == 1:
         return None  # every expert is local: the single-device experts on this device's tokens
     if resolve_dispatch(cfg.expert_dispatch) == "capacity":
         return functools.partial(_capacity_dispatch, num_experts=cfg.n_routed_experts,
-                                 capacity=expert_capacity(local_tokens, cfg))
+                                 capacity=expert_capacity(local_tokens, cfg), layer=layer)
     return functools.partial(_ragged_dispatch, num_experts=cfg.n_routed_experts,
-                             buffer_rows=ragged_buffer_rows(local_tokens, n_ep, cfg))
+                             buffer_rows=ragged_buffer_rows(local_tokens, n_ep, cfg), layer=layer)
 
 
 def _slot_keys(chosen: jax.Array, token_mask: jax.Array, num_experts: int) -> jax.Array:
@@ -226,11 +232,11 @@ def _slot_keys(chosen: jax.Array, token_mask: jax.Array, num_experts: int) -> ja
 
 
 def _capacity_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *, num_experts: int,
-                       capacity: int) -> ExpertsOutput:
+                       capacity: int, layer: int | None = None) -> ExpertsOutput:
     """An `ExpertsFn` inside the shard_map: fixed buffers of `capacity` slots per (device, expert)."""
     num_tokens, top_k = chosen.shape
     n_ep = jax.lax.axis_size("expert")
-    local_experts = w_gate.shape[0]
+    local_experts = w_gate.shape[-3]
     slots, d = num_tokens * top_k, x.shape[1]
     keys = _slot_keys(chosen, token_mask, num_experts)
     by_expert = sort_by_expert(keys, num_experts)
@@ -247,7 +253,7 @@ def _capacity_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *, 
     recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [n_src * E_loc * C, D]
     grouped = recv.reshape(n_ep, local_experts, capacity, d).transpose(1, 0, 2, 3).reshape(-1, d)
     group_sizes = jnp.full((local_experts,), n_ep * capacity, jnp.int32)
-    y = grouped_swiglu(grouped, group_sizes, w_gate, w_up, w_down)
+    y = grouped_swiglu(grouped, group_sizes, w_gate, w_up, w_down, layer)
     y = y.reshape(local_experts, n_ep, capacity, d).transpose(1, 0, 2, 3).reshape(-1, d)
     back = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True)  # [E*C, D] in this device's layout
     per_slot = back[jnp.minimum(dest, num_experts * capacity - 1)]  # [T*k, D]
@@ -255,7 +261,7 @@ def _capacity_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *, 
 
 
 def _ragged_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *, num_experts: int,
-                     buffer_rows: int) -> ExpertsOutput:
+                     buffer_rows: int, layer: int | None = None) -> ExpertsOutput:
     """An `ExpertsFn` inside the shard_map, receiving at most `buffer_rows` rows per device.
 
     Slots sorted by expert are contiguous per destination device; `ragged_all_to_all` moves those
@@ -268,7 +274,7 @@ def _ragged_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *, nu
     num_tokens, top_k = chosen.shape
     n_ep = jax.lax.axis_size("expert")
     me = jax.lax.axis_index("expert")
-    local_experts = w_gate.shape[0]
+    local_experts = w_gate.shape[-3]
     slots, d = num_tokens * top_k, x.shape[1]
     keys = _slot_keys(chosen, token_mask, num_experts)
     by_expert = sort_by_expert(keys, num_experts)
@@ -293,7 +299,7 @@ def _ragged_dispatch(x, chosen, weights, token_mask, w_gate, w_up, w_down, *, nu
     block = jnp.repeat(jnp.arange(n_ep * local_experts), block_sizes, total_repeat_length=buffer_rows)
     received = jnp.arange(buffer_rows) < jnp.sum(block_sizes)
     by_local_expert = sort_by_expert(jnp.where(received, block % local_experts, local_experts), local_experts)
-    y = grouped_swiglu(recv[by_local_expert.order], by_local_expert.group_sizes, w_gate, w_up, w_down)
+    y = grouped_swiglu(recv[by_local_expert.order], by_local_expert.group_sizes, w_gate, w_up, w_down, layer)
     y = jnp.where(received[:, None], unsort(y, by_local_expert.order), 0)  # (source, local expert) blocks
     # Reverse route: my block from source s goes back to where s took it from.
     recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes

@@ -43,10 +43,10 @@ def _run(args: list[str], timeout: int = 600) -> str:
 
 
 def _plan(spec: str, mesh: str) -> tuple[str, str, str]:
-    """-> (header line, training step section, decode step section) of lite.plan's report."""
+    """-> (header line, training step section, decode loop section) of lite.plan's report."""
     out = _run(["-m", "lite.plan", *SMALL_MODEL, "--topology", spec, "--mesh", mesh])
     header, rest = out.split("\ntraining step", 1)
-    train, decode = rest.split("\ndecode step", 1)
+    train, decode = rest.split("\ndecode loop", 1)
     return header, train, decode
 
 

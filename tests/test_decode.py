@@ -1,6 +1,7 @@
 """Cached batch decoding against the full-sequence forward, and the sampling filters against NumPy."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -236,3 +237,26 @@ def test_bad_sampling_settings(kwargs, message):
 def test_bad_prompts(prompts, message):
     with pytest.raises(DecodeError, match=message):
         decode.check_prompts(prompts, CFG)
+
+
+def test_the_decode_loop_computes_nothing_from_the_layer_weights_before_it_starts():
+    """The Generator's compiled decode loop reads the stacked layer weights inside the loop (the
+    grouped matmuls at a layer of the stack, the rest sliced per step), so nothing outside the
+    `while` reads them: a slice or copy made there (per-layer weights made before the loop, or
+    slices XLA hoisted out of it) is a second copy of every layer's weights held while the loop runs.
+    The loop's result is checked against the full forward by the tests above; this checks its program."""
+    model = LongcatModel(get_config("tiny", num_layers=3), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    start, loop = decode.generation_programs(graphdef)  # what the Generator compiles
+    prompts = PackedPrompts(*map(jnp.asarray, pack_prompts([[1, 5, 9], [1, 7]], 8)))
+    limits, mode = jnp.asarray([4, 4], jnp.int32), decode.SamplingMode()
+    sampling = decode.RowSampling(**decode.row_sampling([Sampling()] * 2, [0, 1])[0])
+    gen = jax.eval_shape(functools.partial(start, cache_len=16, max_new=8, mode=mode), state, prompts, limits, sampling)
+    hlo = loop.lower(state, gen, limits, jnp.int32(4), mode=mode).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY "):]
+    entry = entry[: entry.index("\n}")]
+    weights = set(re.findall(r"(%state__layers_\S*) = \S+ parameter\(", entry))
+    assert len(weights) == len(jax.tree.leaves(nnx.state(model.layers))), entry[:2000]
+    readers = [line for line in entry.splitlines()[1:] if "parameter(" not in line
+               and any(re.search(re.escape(name) + r"[,)]", line) for name in weights)]
+    assert readers and all(re.search(r"\s(tuple|while)\(%", line) for line in readers), "\n".join(readers)[:3000]

@@ -111,3 +111,43 @@ def test_group_count_mismatch_without_offset_is_a_clear_error():
         ragged_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.asarray([1, 1, 2], jnp.int32))
     with pytest.raises(ValueError, match="unknown ragged_matmul implementation 'triton'"):
         ragged_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.asarray([1, 3], jnp.int32), implementation="triton")
+
+
+@pytest.mark.parametrize("backend", ["interpret", "gpu-interpret"])
+@pytest.mark.parametrize("offset, num_local", [(0, G), (2, 2)])
+def test_layer_of_a_stack_reads_its_groups(backend, offset, num_local):
+    """rhs stacked over layers [L, g, k, n] with a layer: the kernels index the flat [L * g, k, n] view
+    (group ids offset by layer * g) and equal the oracle on rhs[layer]; the input gradient too, and
+    the weight gradient lands at that layer of a zero stack. float32 weights under bfloat16 rows
+    are rounded as they are read."""
+    rng = np.random.default_rng(3)
+    sizes = np.asarray([9, 0, 12, 3, 8], np.int32)
+    lhs, d_out = rng.normal(size=(M, K)).astype(np.float32), rng.normal(size=(M, N)).astype(np.float32)
+    stack = rng.normal(size=(3, num_local, K, N)).astype(np.float32)
+    tiling = TILINGS[backend]
+    for layer in range(3):
+        out, vjp = jax.vjp(lambda a, b: kernel_ragged_matmul(a, b, jnp.asarray(sizes), jnp.int32(offset), backend,
+                                                             tiling, layer), jnp.asarray(lhs), jnp.asarray(stack))
+        np.testing.assert_allclose(np.asarray(out), numpy_grouped(lhs, stack[layer], sizes, offset), rtol=1e-4,
+                                   atol=1e-4)
+        d_lhs, d_stack = vjp(jnp.asarray(d_out))
+        _, ref_vjp = jax.vjp(lambda a, b: ragged_matmul_reference(a, b, jnp.asarray(sizes), offset), jnp.asarray(lhs),
+                             jnp.asarray(stack[layer]))
+        ref_d_lhs, ref_d_rhs = ref_vjp(jnp.asarray(d_out))
+        np.testing.assert_allclose(np.asarray(d_lhs), np.asarray(ref_d_lhs), rtol=1e-4, atol=1e-4)
+        want = np.zeros_like(stack)
+        want[layer] = np.asarray(ref_d_rhs)
+        np.testing.assert_allclose(np.asarray(d_stack), want, rtol=1e-4, atol=1e-4)
+    rounded = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    out = kernel_ragged_matmul(jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(stack), jnp.asarray(sizes), jnp.int32(offset),
+                               backend, tiling, 1)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)),
+                               numpy_grouped(rounded(lhs), rounded(stack[1]), sizes, offset), rtol=2e-2, atol=5e-2)
+
+
+def test_a_layer_needs_a_stacked_rhs():
+    with pytest.raises(ValueError, match=r"layer 2 needs rhs stacked as \[L, g, k, n\] with layer < L"):
+        ragged_matmul(jnp.ones((4, 3)), jnp.ones((2, 2, 3, 5)), jnp.asarray([1, 3], jnp.int32), layer=2)
+    with pytest.raises(ValueError, match=r"layer 0 needs rhs stacked"):
+        ragged_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.asarray([1, 3], jnp.int32), layer=0)

@@ -79,7 +79,8 @@ def test_left_padding_changes_nothing():
 
 def test_shortcut_layer_wiring():
     model, _ = model_and_forward()
-    layer0 = model.unstack_layers()[0]
+    graphdef, state = nnx.split(model.layers)
+    layer0 = nnx.merge(graphdef, jax.tree.map(lambda w: w[0], state))
     x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 6, CFG.hidden_size)), jnp.float32)
     cos, sin = rope_angles(jnp.arange(6)[None], CFG)
     mask = attention_mask(jnp.ones((1, 6), jnp.int32))

@@ -75,3 +75,39 @@ def test_auto_on_cpu_is_the_tiled_formulation():
                                rtol=1e-4, atol=1e-4)
     lowered = jax.jit(lambda a, b, s: ragged_matmul(a, b, s)).lower(lhs, rhs.astype(jnp.float32), sizes).as_text()
     assert "ragged" not in lowered  # not XLA:CPU's dense masked ragged_dot
+
+
+@pytest.mark.parametrize("implementation", ["auto", "xla"])
+def test_layer_of_a_stack_matches_numpy(implementation):
+    """rhs stacked over layers [L, g, k, n] with a layer, also for an expert shard (group_offset): the
+    tiled form gathers from the stack, the reference slices it."""
+    rng = np.random.default_rng(4)
+    lhs = rng.normal(size=(37, 6)).astype(np.float32)
+    stack = rng.normal(size=(3, 2, 6, 4)).astype(np.float32)
+    sizes = np.asarray([5, 0, 9, 11, 4, 6], np.int32)
+    matmul = jax.jit(ragged_matmul, static_argnames=("layer", "implementation"))
+    for layer in range(3):
+        got = matmul(jnp.asarray(lhs), jnp.asarray(stack), jnp.asarray(sizes), group_offset=2, layer=layer,
+                     implementation=implementation)
+        np.testing.assert_allclose(np.asarray(got), numpy_grouped(lhs, stack[layer], sizes, 2), rtol=1e-5, atol=1e-5)
+    full = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
+    got = matmul(jnp.asarray(lhs), jnp.asarray(full), jnp.asarray(sizes), layer=1, implementation=implementation)
+    np.testing.assert_allclose(np.asarray(got), numpy_grouped(lhs, full[1], sizes), rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_gradient_lands_on_its_layer_of_the_stack():
+    rng = np.random.default_rng(5)
+    lhs = jnp.asarray(rng.normal(size=(29, 6)), jnp.float32)
+    stack = jnp.asarray(rng.normal(size=(3, 2, 6, 4)), jnp.float32)
+    sizes = jnp.asarray([5, 0, 9, 11, 4], jnp.int32)  # the stack's layers hold groups 1..2
+    cotangent = jnp.asarray(rng.normal(size=(29, 4)), jnp.float32)
+
+    def loss(implementation, lhs, stack):
+        return jnp.sum(ragged_matmul(lhs, stack, sizes, group_offset=1, layer=2, implementation=implementation)
+                       * cotangent)
+
+    want = jax.grad(loss, (1, 2))("xla", lhs, stack)
+    got = jax.grad(loss, (1, 2))("auto", lhs, stack)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(got[1][:2]))  # the other layers get no gradient

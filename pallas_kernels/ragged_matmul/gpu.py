@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.backend import out_struct
-from pallas_kernels.ragged_matmul.metadata import group_tiles, max_visits, zero_rows_outside
+from pallas_kernels.ragged_matmul.metadata import group_tiles, max_visits, stacked_groups, zero_rows_outside
 
 DEFAULT_TILING = (128, 64, 128)  # (tm, tk, tn)
 COMPILER_PARAMS = dict(num_warps=8, num_stages=3)
@@ -36,12 +36,14 @@ def _range(start, size: int, limit: int):
     return index, index < limit
 
 
-@functools.partial(jax.jit, static_argnames=("transpose_rhs", "tiling", "interpret"))
+@functools.partial(jax.jit, static_argnames=("transpose_rhs", "tiling", "interpret", "layer"))
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array, *,
-        transpose_rhs: bool = False, tiling: tuple[int, int, int] | None = None, interpret=False) -> jax.Array:
-    """lhs [m, k], rhs [g, k, n] ([g, n, k] if transpose_rhs) -> [m, n] in lhs.dtype."""
+        transpose_rhs: bool = False, tiling: tuple[int, int, int] | None = None, interpret=False,
+        layer: int | None = None) -> jax.Array:
+    """lhs [m, k], rhs [g, k, n] ([g, n, k] if transpose_rhs), or [L, g, ., .] with `layer` -> [m, n] in
+    lhs.dtype. rhs blocks are rounded to lhs.dtype as they are read."""
     m, k = lhs.shape
-    num_local = rhs.shape[0]
+    num_local, first, rhs = stacked_groups(rhs, layer)
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = _tiling(m, k, n, tiling)
     tiles = group_tiles(group_sizes, group_offset, num_local, m, tm, visit_empty=False)
@@ -62,14 +64,14 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: ja
                 a = plt.load(lhs_ref.at[pl.ds(row0, tm), pl.ds(k_i * tk, tk)],
                              mask=mine[:, None] & k_ok[None, :], other=0)
                 if transpose_rhs:
-                    b = plt.load(rhs_ref.at[group, pl.ds(n_i * tn, tn), pl.ds(k_i * tk, tk)],
+                    b = plt.load(rhs_ref.at[group + first, pl.ds(n_i * tn, tn), pl.ds(k_i * tk, tk)],
                                  mask=col_ok[:, None] & k_ok[None, :], other=0)
                     dims = (((1,), (1,)), ((), ()))
                 else:
-                    b = plt.load(rhs_ref.at[group, pl.ds(k_i * tk, tk), pl.ds(n_i * tn, tn)],
+                    b = plt.load(rhs_ref.at[group + first, pl.ds(k_i * tk, tk), pl.ds(n_i * tn, tn)],
                                  mask=k_ok[:, None] & col_ok[None, :], other=0)
                     dims = (((1,), (0,)), ((), ()))
-                return acc + jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+                return acc + jax.lax.dot_general(a, b.astype(a.dtype), dims, preferred_element_type=jnp.float32)
 
             acc = jax.lax.fori_loop(0, pl.cdiv(k, tk), step, jnp.zeros((tm, tn), jnp.float32))
             plt.store(out_ref.at[pl.ds(row0, tm), pl.ds(n_i * tn, tn)], acc.astype(out_ref.dtype),

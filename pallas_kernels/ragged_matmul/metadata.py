@@ -53,6 +53,17 @@ def group_tiles(group_sizes: jax.Array, group_offset: jax.Array, num_local: int,
     return GroupTiles(group, jnp.clip(tile, 0, tiles_m - 1).astype(jnp.int32), cum[-1], starts, ends)
 
 
+def stacked_groups(rhs: jax.Array, layer: int | None) -> tuple[int, int, jax.Array]:
+    """rhs [g, k, n], or every layer's groups stacked [L, g, k, n] with `layer` choosing one ->
+    (g, the first of the layer's groups in the flat view, the flat view [L * g, k, n]). Merging the
+    leading axes is a free reshape, so a kernel reads the layer's groups out of the stack in place."""
+    if layer is None:
+        return rhs.shape[0], 0, rhs
+    if rhs.ndim != 4 or not 0 <= layer < rhs.shape[0]:
+        raise ValueError(f"layer {layer} needs rhs stacked as [L, g, k, n] with layer < L, got rhs {rhs.shape}")
+    return rhs.shape[1], layer * rhs.shape[1], rhs.reshape(-1, *rhs.shape[2:])
+
+
 def zero_rows_outside(out: jax.Array, tiles: GroupTiles) -> jax.Array:
     """Rows outside the local groups are zeros (the kernels never write them)."""
     row = jnp.arange(out.shape[0], dtype=jnp.int32)[:, None]

@@ -1,7 +1,8 @@
 """Grouped matmul for TPU (Mosaic): visits scalar-prefetched, blocks pipelined by BlockSpecs.
 
 `gmm`: out[m, n] = lhs[m, k] @ rhs[g] for the rows of group g (rhs [g, k, n], or [g, n, k] with
-transpose_rhs, which is how the input gradient reuses it). `tgmm`: the weight gradient
+transpose_rhs, which is how the input gradient reuses it; or every layer's groups stacked,
+[L, g, k, n], read in place at `layer`). `tgmm`: the weight gradient
 out[g, k, n] = lhs[rows of g].T @ dy[rows of g]. Grids:
 
     gmm:  (n tiles, visits, k tiles)   one f32 accumulator per (visit, n tile), stored on the last k tile
@@ -22,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.backend import out_struct
-from pallas_kernels.ragged_matmul.metadata import group_tiles, zero_rows_outside
+from pallas_kernels.ragged_matmul.metadata import group_tiles, stacked_groups, zero_rows_outside
 
 DEFAULT_TILING = (512, 512, 512)  # (tm, tk, tn); clipped to the array where an array is smaller
 
@@ -36,12 +37,14 @@ def _tiling(m: int, k: int, n: int, tiling) -> tuple[int, int, int]:
     return _tile(m, tm), _tile(k, tk), _tile(n, tn)
 
 
-@functools.partial(jax.jit, static_argnames=("transpose_rhs", "tiling", "interpret"))
+@functools.partial(jax.jit, static_argnames=("transpose_rhs", "tiling", "interpret", "layer"))
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array, *,
-        transpose_rhs: bool = False, tiling: tuple[int, int, int] | None = None, interpret=False) -> jax.Array:
-    """lhs [m, k], rhs [g, k, n] ([g, n, k] if transpose_rhs) -> [m, n] in lhs.dtype."""
+        transpose_rhs: bool = False, tiling: tuple[int, int, int] | None = None, interpret=False,
+        layer: int | None = None) -> jax.Array:
+    """lhs [m, k], rhs [g, k, n] ([g, n, k] if transpose_rhs), or [L, g, ., .] with `layer` -> [m, n] in
+    lhs.dtype. rhs blocks are rounded to lhs.dtype as they are read."""
     m, k = lhs.shape
-    num_local = rhs.shape[0]
+    num_local, first, rhs = stacked_groups(rhs, layer)
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = _tiling(m, k, n, tiling)
     tiles_k, k_rem = pl.cdiv(k, tk), k % tk
@@ -56,7 +59,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: ja
             acc_ref[...] = jnp.zeros_like(acc_ref)
 
         def accumulate(mask_k: bool):
-            a, b = lhs_ref[...], rhs_ref[...]
+            a, b = lhs_ref[...], rhs_ref[...].astype(out_dtype)
             if mask_k:  # the undefined columns past k must not reach the sum
                 a = jnp.where(jax.lax.broadcasted_iota(jnp.int32, a.shape, 1) < k_rem, a, 0)
                 b = jnp.where(jax.lax.broadcasted_iota(jnp.int32, b.shape, 1 if transpose_rhs else 0) < k_rem, b, 0)
@@ -78,9 +81,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: ja
 
     lhs_spec = pl.BlockSpec((tm, tk), lambda n_i, v, k_i, gid, tid, st, en: (tid[v], k_i))
     if transpose_rhs:
-        rhs_spec = pl.BlockSpec((None, tn, tk), lambda n_i, v, k_i, gid, tid, st, en: (gid[v], n_i, k_i))
+        rhs_spec = pl.BlockSpec((None, tn, tk), lambda n_i, v, k_i, gid, tid, st, en: (gid[v] + first, n_i, k_i))
     else:
-        rhs_spec = pl.BlockSpec((None, tk, tn), lambda n_i, v, k_i, gid, tid, st, en: (gid[v], k_i, n_i))
+        rhs_spec = pl.BlockSpec((None, tk, tn), lambda n_i, v, k_i, gid, tid, st, en: (gid[v] + first, k_i, n_i))
     out_spec = pl.BlockSpec((tm, tn), lambda n_i, v, k_i, gid, tid, st, en: (tid[v], n_i))
     out = pl.pallas_call(
         kernel,
@@ -95,7 +98,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: ja
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
-                                      bytes_accessed=lhs.nbytes * pl.cdiv(n, tn) + rhs.nbytes + m * n * lhs.itemsize),
+                                      bytes_accessed=lhs.nbytes * pl.cdiv(n, tn) + rhs.nbytes * num_local // rhs.shape[0]
+                                      + m * n * lhs.itemsize),
         interpret=interpret,
     )(tiles.group_ids, tiles.tile_ids, tiles.starts, tiles.ends, lhs, rhs)
     return zero_rows_outside(out, tiles)
