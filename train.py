@@ -68,6 +68,7 @@ from lite.data import (TOKENIZER_FILES, Corpus, DataError, FrozenIteratorState, 
                        packed_rows, tokenizer_files, tokenizer_model_fields, train_tokenizer, training_batches,
                        unigram_entropy, validation_rows_for_process)
 from lite.decode import Generator, Sampling
+from lite.host import keep_freed_memory
 from lite.model import LongcatModel
 from lite.training import (TrainConfig, TrainState, evaluate, expert_load_metrics, flops_per_token, init_state,
                            make_eval_step, make_train_step, parse_overrides, peak_flops)
@@ -1218,7 +1219,10 @@ def main(argv: list[str] | None = None, compilation_cache: bool = False) -> int:
 
 
 def cli() -> int:
-    """`python train.py` and the `longcat-train` command: main() with the persistent compile cache."""
+    """`python train.py` and the `longcat-train` command: main() with the process-wide settings a
+    program may make, the persistent compile cache and glibc keeping XLA:CPU's freed buffers
+    (lite.host.keep_freed_memory: the CPU training step 1.3x faster)."""
+    keep_freed_memory()
     return main(compilation_cache=True)
 
 

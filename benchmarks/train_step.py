@@ -6,7 +6,8 @@ cost at equal activated parameters.
     python benchmarks/train_step.py --skip-reference      # the N-gram table only
 
 One step = forward, next-token loss, backward, AdamW (gradient clipping at 1.0), float32. Ours is
-the step train.py runs (lite.training.make_train_step, router-bias update included).
+the step train.py runs (lite.training.make_train_step, router-bias update included), with the
+process setting train.py makes (lite.host.keep_freed_memory).
 
 Table 1, ours vs transformers (when torch and transformers are importable): the preset's trunk
 without the N-gram embedding (transformers has none), one document per row; transformers'
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lite.config import ModelConfig, get_config
+from lite.host import keep_freed_memory
 from lite.params import count_params
 from lite.training import TrainConfig, init_state, make_train_step
 from torch_reference import alternate, hf_model, missing_reference, torch_thread_counts  # benchmarks/ is on sys.path
@@ -116,6 +118,8 @@ def worker(args) -> None:
     """One variant's tokens/s, printed as the last line (JSON)."""
     name, _, threads = args.worker.partition("@")
     cfg = variant_config(args.preset, name)
+    if name != "torch":
+        keep_freed_memory()  # as train.py does
     if name != "torch" and threads == "1":  # read when the CPU backend starts, on the first computation below
         os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *SINGLE_THREADED_XLA])
     if name == "torch":
