@@ -34,8 +34,6 @@ def tiled_ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     """Same contract as `ragged_matmul_reference`: lhs [m, k], rhs [g, k, n] (or [L, g, k, n] with
     layer), group_sizes [G] -> [m, n]."""
     num_local, first, flat = stacked_groups(rhs, layer)  # flat [L * g, k, n]: group j is flat[first + j]
-    if group_offset is None and group_sizes.shape[0] != num_local:
-        raise ValueError(f"group_sizes has {group_sizes.shape[0]} groups but rhs {num_local}; pass group_offset")
     offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
     tm = max(8, min(tile_rows, -(-lhs.shape[0] // 8) * 8))
     # Inside a shard_map: one varying type for all (the loop carries must match it), and the
