@@ -11,8 +11,11 @@ process setting train.py makes (lite.host.keep_freed_memory).
 
 Table 1, ours vs transformers (when torch and transformers are importable): the preset's trunk
 without the N-gram embedding (transformers has none), one document per row; transformers'
-LongcatFlashForCausalLM (sdpa attention) with torch.optim.AdamW. Each side at the faster of 1 thread
-and all cores (XLA:CPU single-threaded by XLA_FLAGS, torch by set_num_threads).
+LongcatFlashForCausalLM (sdpa attention) with torch.optim.AdamW. Each side at the faster of one core
+and all cores ("@1": the process pinned to one core with sched_setaffinity, torch also told
+set_num_threads(1); XLA:CPU's own flags for one thread do not stop its YNNPACK products from using
+every core). Below it, the bound the machine puts on any implementation of this step on XLA:CPU:
+the step's matrix products alone, at their shapes, nothing else (`step_products`).
 
 Table 2, the N-gram embedding's cost: the preset against its twin without the embedding, whose dense
 MLPs are widened until the activated parameters (at the target number of FFN experts per token)
@@ -42,11 +45,6 @@ from lite.host import keep_freed_memory
 from lite.params import count_params
 from lite.training import TrainConfig, init_state, make_train_step
 from torch_reference import alternate, hf_model, missing_reference, torch_thread_counts  # benchmarks/ is on sys.path
-
-# XLA:CPU on one thread, the counterpart of torch.set_num_threads(1): on a machine busier than its cores,
-# a thread pool that waits for every thread at each op can be slower than one thread, on both sides.
-SINGLE_THREADED_XLA = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
-
 
 def activated(cfg: ModelConfig) -> float:
     return count_params(cfg).activated(cfg.target_ffn_experts_per_token)
@@ -88,6 +86,59 @@ def ours_tokens_per_second(cfg: ModelConfig, rows: int, seq_len: int, steps: int
     return steps * rows * seq_len / (time.perf_counter() - start)
 
 
+def step_products(cfg: ModelConfig, rows: int, seq_len: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """The matrix products of one training step of `cfg`'s trunk (no N-gram embedding) ->
+    (weight products (rows, in, out), each run forward, for d_input and for d_weight;
+    attention (batch x heads, head dim) score and value products, [L, d] x [d, L] / [L, L] x [L, d]).
+    The routed experts at `target_ffn_experts_per_token` rows per token, exactly, no tile padding."""
+    tokens, d, h = rows * seq_len, cfg.hidden_size, cfg.num_heads
+    attention = [(d, cfg.q_lora_rank), (cfg.q_lora_rank, h * cfg.qk_head_dim),
+                 (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                 (cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim)), (h * cfg.v_head_dim, d)]
+    mlp = [(d, cfg.ffn_hidden_size), (d, cfg.ffn_hidden_size), (cfg.ffn_hidden_size, d)]
+    experts = [(d, cfg.expert_ffn_hidden_size), (d, cfg.expert_ffn_hidden_size), (cfg.expert_ffn_hidden_size, d)]
+    expert_rows = round(tokens * cfg.target_ffn_experts_per_token)
+    weights = [(tokens, k, n) for _ in range(2 * cfg.num_layers) for k, n in attention + mlp]
+    weights += [(expert_rows, k, n) for _ in range(cfg.num_layers) for k, n in experts]
+    weights += [(tokens, d, cfg.n_routed_experts + cfg.zero_expert_num)] * cfg.num_layers + [(tokens, d, cfg.vocab_size)]
+    scores = [(rows * h, cfg.qk_head_dim), (rows * h, cfg.v_head_dim)] * (2 * cfg.num_layers)
+    return weights, scores
+
+
+def products_tokens_per_second(cfg: ModelConfig, rows: int, seq_len: int, steps: int) -> float:
+    """Tokens/s if a training step were its matrix products alone (forward and backward, float32,
+    XLA:CPU, every product's result written out): what no implementation on XLA:CPU can beat."""
+    weights, scores = step_products(cfg, rows, seq_len)
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    operands = ([(normal(m, k), normal(k, n), normal(m, n)) for m, k, n in weights],
+                [(normal(b, seq_len, e), normal(b, seq_len, seq_len)) for b, e in scores])
+
+    def products(operands):
+        out = []
+        for x, w, dy in operands[0]:
+            out += [x @ w, dy @ w.T, x.T @ dy]
+        for q, p in operands[1]:  # q: a [L, e] operand (queries, keys, values), p: an [L, L] one (scores, probs)
+            qt = jnp.swapaxes(q, 1, 2)
+            out += [q @ qt, p @ q, jnp.swapaxes(p, 1, 2) @ q]  # forward, and the backward's two per product
+        return [jax.lax.optimization_barrier(o) for o in out]  # no product fused into or skipped for another
+
+    run = jax.jit(products)
+    jax.block_until_ready(run(operands))
+    start = time.perf_counter()
+    for _ in range(steps):
+        jax.block_until_ready(run(operands))
+    return steps * rows * seq_len / (time.perf_counter() - start)
+
+
+def step_flops(cfg: ModelConfig, rows: int, seq_len: int) -> float:
+    weights, scores = step_products(cfg, rows, seq_len)
+    return 6 * sum(m * k * n for m, k, n in weights) + 6 * sum(b * seq_len * seq_len * e for b, e in scores)
+
+
 def torch_tokens_per_second(cfg: ModelConfig, rows: int, seq_len: int, steps: int, threads: int) -> float:
     import torch
 
@@ -120,12 +171,14 @@ def worker(args) -> None:
     cfg = variant_config(args.preset, name)
     if name != "torch":
         keep_freed_memory()  # as train.py does
-    if name != "torch" and threads == "1":  # read when the CPU backend starts, on the first computation below
-        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *SINGLE_THREADED_XLA])
+    if threads == "1":  # before the first computation starts XLA's or torch's thread pools
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if name == "torch":
         if missing := missing_reference():
             raise SystemExit(missing)
         speed = torch_tokens_per_second(cfg, args.batch, args.seq_len, args.steps, int(threads))
+    elif name == "products":
+        speed = products_tokens_per_second(cfg, args.batch, args.seq_len, args.steps)
     else:
         speed = ours_tokens_per_second(cfg, args.batch, args.seq_len, args.steps, 1 if name == "trunk" else 4)
     print(json.dumps(speed))
@@ -140,7 +193,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of turns; each variant's best round counts")
     parser.add_argument("--skip-reference", action="store_true", help="no transformers comparison")
     parser.add_argument("--skip-ngram", action="store_true", help="no N-gram embedding table")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # ngram | twin | trunk@THREADS | torch@THREADS
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # ngram | twin | products | trunk@CORES | torch@CORES
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -151,6 +204,7 @@ def main() -> None:
     missing = None if args.skip_reference else missing_reference()
     threads = torch_thread_counts()
     names = [] if args.skip_reference or missing else [f"{side}@{n}" for side in ("trunk", "torch") for n in threads]
+    names += [] if args.skip_reference else ["products"]
     names += [] if args.skip_ngram else ["ngram", "twin"]
     common = [os.path.abspath(__file__), "--preset", args.preset, "--batch", str(args.batch),
               "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
@@ -174,11 +228,21 @@ def main() -> None:
             import transformers
 
             ours, theirs = (max((n for n in best if n.startswith(side)), key=best.get) for side in ("trunk@", "torch@"))
-            print(f"{'':<52}{'tokens/s':>10}")
-            print(f"{f'ours (lite.training.make_train_step), {ours[6:]} thr.':<52}{best[ours]:>10,.0f}")
-            print(f"{f'transformers {transformers.__version__}, torch {torch.__version__}, {theirs[6:]} thr.':<52}"
-                  f"{best[theirs]:>10,.0f}")
-            print(f"{'ratio':<52}{best[ours] / best[theirs]:>9.2f}x")
+            cores = lambda name: "1 core" if name.endswith("@1") else f"{name.split('@')[1]} cores"  # noqa: E731
+            print(f"{'':<56}{'tokens/s':>10}")
+            for name in sorted(n for n in best if "@" in n):
+                side = ("ours (lite.training.make_train_step)" if name.startswith("trunk") else
+                        f"transformers {transformers.__version__}, torch {torch.__version__}")
+                print(f"{f'{side}, {cores(name)}':<56}{best[name]:>10,.0f}")
+            print(f"{'ratio, each side at its faster':<56}{best[ours] / best[theirs]:>9.2f}x")
+        flops = step_flops(trunk, args.batch, args.seq_len)
+        bound = best["products"]
+        print(f"\nthe step's matrix products alone on XLA:CPU ({flops / 1e9:.1f} GFLOP a step, "
+              f"{flops * bound / (args.batch * args.seq_len) / 1e9:.0f} GFLOP/s):")
+        print(f"{'at most, were everything else free':<56}{bound:>10,.0f}")
+        if not missing:
+            for side, name in (("ours", ours), ("transformers", theirs)):
+                print(f"{f'{side}, share of that bound':<56}{best[name] / bound:>10.0%}")
     if not args.skip_ngram:
         print("\nN-gram embedding cost at equal activated parameters, 4 documents per row")
         print(f"{'variant':<28}{'total params':>14}{'activated':>12}{'tokens/s':>11}")
