@@ -49,13 +49,14 @@ def numpy_mla(attn, x, positions, segments, cfg):
 
 
 @pytest.mark.parametrize("yarn", [None, YarnScaling(factor=4.0, original_max_position_embeddings=8)])
-def test_mla_matches_numpy(yarn):
+@pytest.mark.parametrize("length", [7, 8])  # odd: one block of queries; even: two halves (causal_attention)
+def test_mla_matches_numpy(yarn, length):
     cfg = get_config("tiny", rope_scaling=yarn)
     attn = MLAttention(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 7, cfg.hidden_size)).astype(np.float32)
-    segments = np.array([[1, 1, 1, 2, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1]])
-    positions = np.array([[0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 20]])
+    x = rng.normal(size=(2, length, cfg.hidden_size)).astype(np.float32)
+    segments = np.array([[1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1]])[:, :length]
+    positions = np.array([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 20, 21]])[:, :length]
     cos, sin = rope_angles(jnp.asarray(positions), cfg)
     got = attn(jnp.asarray(x), cos, sin, attention_mask(jnp.asarray(segments)))
     np.testing.assert_allclose(np.asarray(got), numpy_mla(attn, x.astype(np.float64), positions, segments, cfg),
