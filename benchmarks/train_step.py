@@ -108,7 +108,8 @@ def ours_tokens_per_second(cfg: ModelConfig, rows: int, seq_len: int, steps: int
 def step_products(cfg: ModelConfig, rows: int, seq_len: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
     """The matrix products of one training step of `cfg`'s trunk (no N-gram embedding) ->
     (weight products (rows, in, out), each run forward, for d_input and for d_weight;
-    attention (batch x heads, head dim) score and value products, [L, d] x [d, L] / [L, L] x [L, d]).
+    attention (batch x heads, head dim) score and value products over the causal half of the
+    L x L square, the least any skipping of masked scores leaves: [L, e] x [e, L/2], [L, L/2] x [L/2, e]).
     The routed experts at `target_ffn_experts_per_token` rows per token, exactly, no tile padding."""
     tokens, d, h = rows * seq_len, cfg.hidden_size, cfg.num_heads
     attention = [(d, cfg.q_lora_rank), (cfg.q_lora_rank, h * cfg.qk_head_dim),
@@ -133,16 +134,17 @@ def products_tokens_per_second(cfg: ModelConfig, rows: int, seq_len: int, steps:
     def normal(*shape):
         return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
+    half = seq_len // 2
     operands = ([(normal(m, k), normal(k, n), normal(m, n)) for m, k, n in weights],
-                [(normal(b, seq_len, e), normal(b, seq_len, seq_len)) for b, e in scores])
+                [(normal(b, seq_len, e), normal(b, seq_len, half)) for b, e in scores])
 
     def products(operands):
         out = []
         for x, w, dy in operands[0]:
             out += [x @ w, dy @ w.T, x.T @ dy]
-        for q, p in operands[1]:  # q: a [L, e] operand (queries, keys, values), p: an [L, L] one (scores, probs)
-            qt = jnp.swapaxes(q, 1, 2)
-            out += [q @ qt, p @ q, jnp.swapaxes(p, 1, 2) @ q]  # forward, and the backward's two per product
+        for q, p in operands[1]:  # q: an [L, e] operand (queries, keys, values), p: [L, L/2] (scores, probs)
+            kept = q[:, :half]  # the keys / values the causal half reaches
+            out += [q @ jnp.swapaxes(kept, 1, 2), p @ kept, jnp.swapaxes(p, 1, 2) @ q]  # forward, backward's two
         return [jax.lax.optimization_barrier(o) for o in out]  # no product fused into or skipped for another
 
     run = jax.jit(products)
@@ -151,7 +153,7 @@ def products_tokens_per_second(cfg: ModelConfig, rows: int, seq_len: int, steps:
 
 def step_flops(cfg: ModelConfig, rows: int, seq_len: int) -> float:
     weights, scores = step_products(cfg, rows, seq_len)
-    return 6 * sum(m * k * n for m, k, n in weights) + 6 * sum(b * seq_len * seq_len * e for b, e in scores)
+    return 6 * sum(m * k * n for m, k, n in weights) + 6 * sum(b * seq_len * (seq_len // 2) * e for b, e in scores)
 
 
 def torch_tokens_per_second(cfg: ModelConfig, rows: int, seq_len: int, steps: int, threads: int) -> float:

@@ -21,7 +21,7 @@ def test_products_cover_every_activated_weight_once_per_token(preset):
     counts = count_params(cfg)
     per_token = sum(m * k * n for m, k, n in weights) / (rows * seq_len)
     assert per_token == counts.activated(cfg.target_ffn_experts_per_token) - counts.by_component["norms"]
-    # Attention: per block, scores [L, qk] x [qk, L] and values [L, L] x [L, v] for every row and head.
+    # Attention: per block, scores and values over the causal half of the square, every row and head.
     assert scores == [(rows * cfg.num_heads, cfg.qk_head_dim), (rows * cfg.num_heads, cfg.v_head_dim)] * (2 * cfg.num_layers)
-    attention_flops = 6 * rows * cfg.num_heads * seq_len ** 2 * (cfg.qk_head_dim + cfg.v_head_dim) * 2 * cfg.num_layers
+    attention_flops = 3 * rows * cfg.num_heads * seq_len ** 2 * (cfg.qk_head_dim + cfg.v_head_dim) * 2 * cfg.num_layers
     assert step_flops(cfg, rows, seq_len) == 6 * per_token * rows * seq_len + attention_flops
