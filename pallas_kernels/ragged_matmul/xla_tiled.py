@@ -5,9 +5,9 @@ group's weights, g times the work. Here each group's sorted rows are cut into ch
 starting at the group's first row, and a `fori_loop` runs over the chunks ("visits"): each visit
 multiplies one chunk by its group's weights and writes the rows of its group. The loop's trip count
 is the number of chunks the groups really need, so rows past the groups (zero-expert slots) cost
-nothing, neither the weights nor the rows are gathered per visit, and no tile is visited twice: the
-kernels' schedule (metadata.group_tiles, tiles aligned to tile_rows) would visit a tile shared by two
-groups once for each. Work: at most (m + g * tile_rows) * k * n, against g * m * k * n. With `layer`,
+nothing, neither the weights nor the rows are gathered per visit, and no row is multiplied twice: the
+kernels' schedule (metadata.group_tiles, tiles aligned to tile_rows) visits a tile two groups share
+once for each (demo step: 20 chunks instead of 23 visits, 1.04x the step). Work: at most (m + g * tile_rows) * k * n, against g * m * k * n. With `layer`,
 each visit reads its group's weights straight out of the layer stack (the free [L * g, k, n] view),
 so rhs is never copied or sliced whole.
 
