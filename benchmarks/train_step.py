@@ -184,7 +184,7 @@ def worker(args) -> None:
     cfg = variant_config(args.preset, name)
     if name != "torch":
         keep_freed_memory()  # as train.py does
-    if threads == "1":  # before the first computation starts XLA's or torch's thread pools
+    if threads == "1" and hasattr(os, "sched_setaffinity"):  # Linux; before XLA's or torch's thread pools start
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if name == "torch":
         if missing := missing_reference():
