@@ -26,20 +26,12 @@ def local_groups(rhs: jax.Array, group_sizes: jax.Array,
     """(int32 sizes [g'], weights [g', k, n]) covering the rows in order, for rhs holding groups
     group_offset .. group_offset + g - 1: the rows before the local groups form one extra group with
     zero weights; the rows after them lie past sum(sizes)."""
-    sizes, skipped = local_sizes(rhs.shape[0], group_sizes, group_offset)
-    if not skipped:
-        return sizes, rhs
-    return sizes, jnp.concatenate([jnp.zeros((1,) + rhs.shape[1:], rhs.dtype), rhs])
-
-
-def local_sizes(num_local: int, group_sizes: jax.Array,
-                group_offset: jax.Array | int | None = None) -> tuple[jax.Array, int]:
-    """(int32 sizes [skipped + num_local], skipped): the local groups' sizes, after one group of
-    the rows before them (skipped = 1) when the local groups start at an offset."""
     group_sizes = group_sizes.astype(jnp.int32)
-    if group_offset is None and num_local == group_sizes.shape[0]:
-        return group_sizes, 0
+    if group_offset is None and rhs.shape[0] == group_sizes.shape[0]:
+        return group_sizes, rhs
     offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
     before = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < offset, group_sizes, 0))
-    local = jax.lax.dynamic_slice(group_sizes, (offset,), (num_local,))
-    return jnp.concatenate([before[None], local]), 1
+    local = jax.lax.dynamic_slice(group_sizes, (offset,), (rhs.shape[0],))
+    sizes = jnp.concatenate([before[None], local])
+    weights = jnp.concatenate([jnp.zeros((1,) + rhs.shape[1:], rhs.dtype), rhs])
+    return sizes, weights
