@@ -11,6 +11,7 @@ from pallas_kernels import backend as backends
 from pallas_kernels import interpret
 from pallas_kernels.backend import IMPLEMENTATIONS
 from pallas_kernels.ragged_matmul import gpu, tpu
+from pallas_kernels.ragged_matmul.metadata import stacked_groups
 from pallas_kernels.ragged_matmul.reference import ragged_matmul_reference
 from pallas_kernels.ragged_matmul.xla_tiled import tiled_ragged_matmul
 
@@ -32,10 +33,8 @@ def ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, gro
     decode step over stacked weights copies none of them; rhs is rounded to lhs.dtype as it is read.
     """
     choice = backends.choose("ragged_matmul", implementation)
-    if layer is not None and (rhs.ndim != 4 or not 0 <= layer < rhs.shape[0]):
-        raise ValueError(f"ragged_matmul: layer {layer} needs rhs stacked as [L, g, k, n] with layer < L, "
-                         f"got rhs {rhs.shape}")
-    groups = rhs.shape[1:] if layer is not None else rhs.shape  # [g, k, n]
+    num_local, _, flat = stacked_groups(rhs, layer)  # checks that a layer has a stack to pick from
+    groups = (num_local, *flat.shape[1:])  # [g, k, n]
     if lhs.ndim != 2 or len(groups) != 3 or group_sizes.ndim != 1 or lhs.shape[1] != groups[1]:
         raise ValueError(f"ragged_matmul expects lhs [m, k], rhs [g, k, n] (or [L, g, k, n] with layer), "
                          f"group_sizes [G]; got lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
@@ -93,7 +92,7 @@ def _backward(backend, tiling, layer, residuals, d_out):
     gmm, tgmm, kwargs = _kernels(backend)
     d_out = d_out.astype(lhs.dtype)
     d_lhs = gmm(d_out, rhs, group_sizes, group_offset, transpose_rhs=True, tiling=tiling, layer=layer, **kwargs)
-    num_local = rhs.shape[0] if layer is None else rhs.shape[1]
+    num_local = stacked_groups(rhs, layer)[0]
     d_rhs = tgmm(lhs, d_out, group_sizes, group_offset, num_local=num_local, tiling=tiling, **kwargs).astype(rhs.dtype)
     if layer is not None:
         d_rhs = jnp.zeros_like(rhs).at[layer].set(d_rhs)
