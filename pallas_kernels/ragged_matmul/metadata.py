@@ -1,4 +1,5 @@
-"""Which (group, row tile) pairs a grouped-matmul kernel visits; shared by the TPU and GPU kernels.
+"""Which rows each group owns and which (group, row tile) pairs a grouped-matmul kernel visits;
+shared by the TPU and GPU kernels and the CPU loop (xla_tiled.py).
 
 Rows are sorted by group, so group g owns rows [start_g, end_g). A row tile that holds rows of two
 groups is visited once per group, and each visit keeps only its own group's rows. Visits are ordered
@@ -27,6 +28,16 @@ def max_visits(m: int, tm: int, num_local: int) -> int:
     return pl.cdiv(m, tm) + num_local - 1
 
 
+def group_rows(group_sizes: jax.Array, group_offset: jax.Array, num_local: int, m: int) -> tuple[jax.Array, jax.Array]:
+    """int32 (starts, ends) [num_local]: the rows [start, end) of the local groups group_offset ..
+    group_offset + num_local - 1 of group_sizes [G], rows sorted by group; rows past m do not exist."""
+    ends_all = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
+    starts_all = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_all[:-1]])
+    offset = jnp.asarray(group_offset, jnp.int32).reshape(())
+    return (jax.lax.dynamic_slice(starts_all, (offset,), (num_local,)),
+            jax.lax.dynamic_slice(ends_all, (offset,), (num_local,)))
+
+
 def group_tiles(group_sizes: jax.Array, group_offset: jax.Array, num_local: int, m: int, tm: int, *,
                 visit_empty: bool) -> GroupTiles:
     """Visits for the local groups group_offset .. group_offset + num_local - 1 of group_sizes [G].
@@ -34,12 +45,7 @@ def group_tiles(group_sizes: jax.Array, group_offset: jax.Array, num_local: int,
     visit_empty: give an empty group one visit with no rows (the weight gradient must still write
     its zeros); otherwise empty groups are skipped.
     """
-    sizes = group_sizes.astype(jnp.int32)
-    ends_all = jnp.minimum(jnp.cumsum(sizes), m)  # rows past m do not exist
-    starts_all = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_all[:-1]])
-    offset = jnp.asarray(group_offset, jnp.int32).reshape(())
-    starts = jax.lax.dynamic_slice(starts_all, (offset,), (num_local,))
-    ends = jax.lax.dynamic_slice(ends_all, (offset,), (num_local,))
+    starts, ends = group_rows(group_sizes, group_offset, num_local, m)
     tiles_m = pl.cdiv(m, tm)
     nonempty = ends > starts
     first = jnp.minimum(starts // tm, tiles_m - 1)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import same_varying_axes
-from pallas_kernels.ragged_matmul.metadata import stacked_groups
+from pallas_kernels.ragged_matmul.metadata import group_rows, stacked_groups
 
 DEFAULT_TILE_ROWS = 256  # demo training step on 2 CPU cores: 128 / 256 / 512 rows took 1.02 / 1.0 / 1.10x the time
 
@@ -53,10 +53,7 @@ class GroupChunks(NamedTuple):
 def _schedule(group_sizes: jax.Array, group_offset: jax.Array, num_local: int, m: int, tm: int) -> GroupChunks:
     """The chunks of the local groups group_offset .. group_offset + num_local - 1 of group_sizes [G],
     in row order: group j's rows [start_j, end_j) as chunks starting at start_j, start_j + tm, ..."""
-    ends_all = jnp.minimum(jnp.cumsum(group_sizes), m)  # rows past m do not exist
-    starts_all = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_all[:-1]])
-    starts = jax.lax.dynamic_slice(starts_all, (group_offset,), (num_local,))
-    ends = jax.lax.dynamic_slice(ends_all, (group_offset,), (num_local,))
+    starts, ends = group_rows(group_sizes, group_offset, num_local, m)
     count = -(-(ends - starts) // tm)  # chunks per group, none for an empty one
     cum = jnp.cumsum(count)
     visit = jnp.arange(m // tm + num_local, dtype=jnp.int32)  # sum of ceil(size / tm) <= m / tm + num_local
